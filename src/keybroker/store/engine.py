@@ -1,0 +1,160 @@
+"""Opening the store: SQLite (embedded default, WAL) or PostgreSQL from a URL.
+
+Writes that belong together run in one :meth:`Store.transaction`. On SQLite a
+transaction starts with ``BEGIN IMMEDIATE`` so two writers never both read a
+value and then race to update it (the deferred default would upgrade the lock
+late and fail with "database is locked" mid-way). On PostgreSQL, code that must
+be the only writer of something (the log's append path, for one) takes
+:meth:`Store.lock`, a transaction-scoped advisory lock, so N replicas on one
+database stay correct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+from keybroker.errors import ConfigurationError, StoreError
+
+Dialect = Literal["sqlite", "postgresql"]
+
+DB_FILENAME = "keybroker.db"
+
+
+def default_home() -> Path:
+    """``$KEYBROKER_HOME``, or ``./.keybroker``."""
+    return Path(os.environ.get("KEYBROKER_HOME", ".keybroker"))
+
+
+def default_url(home: Path | None = None) -> str:
+    return f"sqlite:///{(home or default_home()) / DB_FILENAME}"
+
+
+def normalise_url(url: str) -> str:
+    """Accept ``postgresql://`` as users write it and pick the psycopg 3 driver."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+@dataclass(frozen=True, repr=False)
+class Store:
+    engine: Engine
+    dialect: Dialect
+
+    def __repr__(self) -> str:
+        # The URL may carry a password: show only what identifies the database.
+        url = self.engine.url
+        return f"Store({self.dialect}, {url.host or ''}{url.database or ''})"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One write transaction: everything inside commits together or not at all."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise StoreError(f"database error: {type(exc.orig).__name__}") from exc
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A read-only transaction (deferred on SQLite, so readers never block writers)."""
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(keybroker_readonly=True)
+                with conn.begin():
+                    yield conn
+        except DBAPIError as exc:
+            raise StoreError(f"database error: {type(exc.orig).__name__}") from exc
+
+    def lock(self, conn: Connection, name: str) -> None:
+        """Serialise writers on ``name`` until the transaction ends (no-op on SQLite,
+        where ``BEGIN IMMEDIATE`` already made this the only writer)."""
+        if self.dialect == "postgresql":
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's begin() below decide when transactions start.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=10000")
+        # NORMAL is durable across application crashes in WAL mode; only a power
+        # loss can drop the last commits, never corrupt the file.
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("keybroker_readonly"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def open_store(
+    url: str | None = None,
+    *,
+    home: Path | None = None,
+    migrate: bool = True,
+    pool_size: int = 5,
+) -> Store:
+    """Open (and by default migrate to the newest schema) the store at ``url``.
+
+    With no URL this is the embedded SQLite file under ``home``
+    (``$KEYBROKER_HOME``), created with mode 0600 in a 0700 directory.
+    """
+    raw = normalise_url(url or default_url(home))
+    try:
+        parsed = make_url(raw)
+    except ArgumentError as exc:
+        raise ConfigurationError("malformed database URL") from exc
+    backend = parsed.get_backend_name()
+    engine: Engine
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            path = Path(database)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not path.exists():
+                # Create it 0600 before SQLite does, with the process umask out of the way.
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 10})
+        _configure_sqlite(engine)
+        dialect: Dialect = "sqlite"
+    elif backend == "postgresql":
+        engine = sa.create_engine(
+            parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        )
+        dialect = "postgresql"
+    else:
+        raise ConfigurationError(f"unsupported database backend {backend!r}")
+    store = Store(engine=engine, dialect=dialect)
+    if migrate:
+        from keybroker.store.migrate import upgrade
+
+        try:
+            upgrade(store)
+        except DBAPIError as exc:
+            engine.dispose()
+            raise StoreError(f"cannot open database: {type(exc.orig).__name__}") from exc
+    return store
