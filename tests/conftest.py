@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
-from keybroker.store.engine import Store, open_store
+from keybroker.store.engine import Store, normalise_url, open_store
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get("KEYBROKER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -38,11 +39,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.longrepr = f"skipped under CI=true, which lets nothing skip: {report.longrepr}"
 
 
-def _pg_admin_engine():  # type: ignore[no-untyped-def]
-    import sqlalchemy as sa
-
-    from keybroker.store.engine import normalise_url
-
+def _pg_admin_engine() -> sa.Engine:
     return sa.create_engine(normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
 
 
@@ -52,8 +49,6 @@ _pg_checked: list[bool] = []
 def _pg_available() -> bool:
     if not _pg_checked:
         try:
-            import sqlalchemy as sa
-
             eng = _pg_admin_engine()
             with eng.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
@@ -69,8 +64,6 @@ def pg_url() -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh, empty schema (dropped afterwards)."""
     if not _pg_available():
         missing(f"PostgreSQL at {PG_URL}")
-    import sqlalchemy as sa
-
     schema = "kbtest_" + secrets.token_hex(6)
     admin = _pg_admin_engine()
     with admin.connect() as conn:

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from keybroker.errors import ConfigurationError, StoreError
+from keybroker.store.migrate import upgrade as _migrate_upgrade
 
 Dialect = Literal["sqlite", "postgresql"]
 
@@ -70,8 +71,8 @@ class Store:
     def snapshot(self) -> Iterator[Connection]:
         """A read-only transaction (deferred on SQLite, so readers never block writers)."""
         try:
-            with self.engine.connect() as conn:
-                conn = conn.execution_options(keybroker_readonly=True)
+            with self.engine.connect() as raw:
+                conn = raw.execution_options(keybroker_readonly=True)
                 with conn.begin():
                     yield conn
         except DBAPIError as exc:
@@ -150,10 +151,8 @@ def open_store(
         raise ConfigurationError(f"unsupported database backend {backend!r}")
     store = Store(engine=engine, dialect=dialect)
     if migrate:
-        from keybroker.store.migrate import upgrade
-
         try:
-            upgrade(store)
+            _migrate_upgrade(store)
         except DBAPIError as exc:
             engine.dispose()
             raise StoreError(f"cannot open database: {type(exc.orig).__name__}") from exc

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
 
-from keybroker.store.engine import Store
+if TYPE_CHECKING:
+    from keybroker.store.engine import Store
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

@@ -84,7 +84,7 @@ def test_datetimes_come_back_aware_utc(store: Store) -> None:
 
 
 def test_naive_datetime_is_refused(store: Store) -> None:
-    row = _keyset_row("a") | {"created_at": datetime(2026, 1, 1)}  # noqa: DTZ001
+    row = _keyset_row("a") | {"created_at": datetime(2026, 1, 1)}
     with pytest.raises(sa.exc.StatementError), store.transaction() as conn:
         conn.execute(keysets.insert().values(**row))
 

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keybroker.encoding import Message, decode, encode, message_label
+from keybroker.errors import DecodeError, LocalProtocolError, RemoteProtocolError
+
+LABEL = message_label("keybroker/test/sample", 1)
+
+
+@dataclass(frozen=True)
+class Inner(Message):
+    LABEL = message_label("keybroker/test/inner", 1)
+    tag: str
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class Sample(Message):
+    LABEL = message_label("keybroker/test/sample", 1)
+    count: int
+    payload: bytes
+    names: list[str]
+    inner: Inner
+    flag: bool
+    note: str | None = None
+    pairs: tuple[int, ...] = ()
+
+
+plain = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64), max_value=2**64 - 1)
+    | st.binary(max_size=64)
+    | st.text(max_size=32),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=20,
+)
+bodies = st.dictionaries(st.text(max_size=8), plain, max_size=6)
+
+samples = st.builds(
+    Sample,
+    count=st.integers(min_value=-(2**63), max_value=2**63),
+    payload=st.binary(max_size=128),
+    names=st.lists(st.text(max_size=16), max_size=4),
+    inner=st.builds(Inner, tag=st.text(max_size=8), blob=st.binary(max_size=16)),
+    flag=st.booleans(),
+    note=st.none() | st.text(max_size=16),
+    pairs=st.lists(st.integers(min_value=0, max_value=1000), max_size=4).map(tuple),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies)
+def test_decode_inverts_encode(body: dict[str, object]) -> None:
+    data = encode(LABEL, body)
+    label, got = decode(LABEL, data)
+    assert label == LABEL
+    assert got == _lists(body)
+    # canonical: the encoding of the decoded value is the same bytes
+    assert encode(LABEL, got) == data
+
+
+def _lists(value: object) -> object:
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(samples)
+def test_message_round_trip(msg: Sample) -> None:
+    assert Sample.decode(msg.encode()) == msg
+
+
+def test_map_order_does_not_change_the_bytes() -> None:
+    assert encode(LABEL, {"a": 1, "bb": 2, "c": 3}) == encode(LABEL, {"c": 3, "bb": 2, "a": 1})
+
+
+def test_label_separates_domains() -> None:
+    other = message_label("keybroker/test/other", 1)
+    data = encode(other, {"count": 1})
+    with pytest.raises(DecodeError):
+        decode(LABEL, data)
+    v2 = message_label("keybroker/test/sample", 2)
+    with pytest.raises(DecodeError):
+        decode(LABEL, encode(v2, {}))
+    assert decode((LABEL, v2), encode(v2, {}))[0] == v2
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff",
+        cbor2.dumps([LABEL, {"a": 1}]) + b"\x00",  # trailing byte
+        cbor2.dumps([LABEL, {"a": 1}])[:-1],  # truncated
+        cbor2.dumps({"label": LABEL}),  # not an array
+        cbor2.dumps([LABEL, {"a": 1}, 3]),  # wrong arity
+        cbor2.dumps([LABEL, [1, 2]]),  # body not a map
+        cbor2.dumps([LABEL, {1: 1}]),  # non-text key
+        cbor2.dumps([LABEL, {"a": 1.5}]),  # float
+        bytes.fromhex("82") + cbor2.dumps(LABEL) + bytes.fromhex("a1616101616102"),  # dup key
+        bytes.fromhex("82") + cbor2.dumps(LABEL) + bytes.fromhex("a161611801"),  # 1 as uint8
+        bytes.fromhex("82") + cbor2.dumps(LABEL) + bytes.fromhex("bf616101ff"),  # indefinite map
+        bytes.fromhex("82") + cbor2.dumps(LABEL) + bytes.fromhex("a16161c11a00000001"),  # tag 1
+        cbor2.dumps([LABEL, {"a": 2**70}]),  # bignum tag
+        cbor2.dumps([LABEL, {"b": 1, "a": 2}], canonical=False),  # unsorted keys
+    ],
+)
+def test_non_canonical_or_malformed_is_refused(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(LABEL, data)
+
+
+def test_depth_and_size_limits() -> None:
+    deep: object = 1
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(LocalProtocolError):
+        encode(LABEL, {"x": deep})
+    with pytest.raises(DecodeError):
+        decode(LABEL, cbor2.dumps([LABEL, {"x": deep}], canonical=True))
+    big = encode(LABEL, {"x": b"\x00" * 2000})
+    with pytest.raises(DecodeError):
+        decode(LABEL, big, max_size=1000)
+
+
+def test_encoder_refuses_unsupported_types_and_labels() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode(LABEL, {"x": 1.0})
+    with pytest.raises(LocalProtocolError):
+        encode(LABEL, {"x": object()})
+    with pytest.raises(LocalProtocolError):
+        encode("not-a-label", {})
+    with pytest.raises(LocalProtocolError):
+        message_label("Keybroker/Bad", 1)
+
+
+def test_message_fields_are_type_checked() -> None:
+    good = Sample(1, b"p", ["n"], Inner("t", b"b"), True)
+    _, body = decode(Sample.LABEL, good.encode())
+    for field, bad in [
+        ("count", "1"),
+        ("count", True),
+        ("payload", "text"),
+        ("names", ["ok", 3]),
+        ("flag", 1),
+        ("note", 5),
+        ("inner", {"tag": "t"}),
+    ]:
+        data = encode(Sample.LABEL, body | {field: bad})
+        with pytest.raises(DecodeError):
+            Sample.decode(data)
+    with pytest.raises(DecodeError):
+        Sample.decode(encode(Sample.LABEL, body | {"extra": 1}))
+    missing = dict(body)
+    del missing["count"]
+    with pytest.raises(DecodeError):
+        Sample.decode(encode(Sample.LABEL, missing))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_random_bytes_raise_only_remote_protocol_error(data: bytes) -> None:
+    # Anything else escaping (ValueError, IndexError, TypeError...) fails the test.
+    with contextlib.suppress(RemoteProtocolError):
+        Sample.decode(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(samples, st.data())
+def test_fuzz_mutated_messages_raise_only_remote_protocol_error(
+    msg: Sample, data: st.DataObject
+) -> None:
+    raw = bytearray(msg.encode())
+    pos = data.draw(st.integers(min_value=0, max_value=len(raw) - 1))
+    raw[pos] ^= data.draw(st.integers(min_value=1, max_value=255))
+    with contextlib.suppress(RemoteProtocolError):
+        Sample.decode(bytes(raw))
