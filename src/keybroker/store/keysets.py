@@ -1,0 +1,182 @@
+"""Keysets at rest: one ``keysets`` row and one ``key_versions`` row per version.
+
+Material is wrapped under the root key (:class:`~keybroker.keys.KeyEncryptionKey`)
+with AAD = ``version_aad(keyset name, version)``, so a wrapped row moved to
+another keyset or version no longer opens. Existing versions are never
+re-wrapped on save: only their state changes, and a destroyed version's
+material is overwritten with NULL in the same transaction that records it.
+
+Writers compare-and-set ``keysets.revision``: two replicas that loaded the same
+revision cannot both save, the second gets :class:`~keybroker.errors.Conflict`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from keybroker.errors import Conflict, NotFound
+from keybroker.keys import KeyEncryptionKey, Keyset, KeyState, WrappedVersion
+from keybroker.store.engine import Store
+from keybroker.store.schema import key_versions, keysets
+
+
+@dataclass(frozen=True)
+class StoredKeyset:
+    """A keyset loaded from the store, with the revision to hand back on save."""
+
+    keyset: Keyset
+    id: str
+    revision: int
+
+
+class KeysetRepository:
+    def __init__(
+        self, store: Store, root_key: KeyEncryptionKey, clock: Callable[[], datetime]
+    ) -> None:
+        self._store = store
+        self._kek = root_key
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"KeysetRepository({self._store!r}, kek={self._kek.kek_id})"
+
+    @contextmanager
+    def _tx(self, conn: Connection | None) -> Iterator[Connection]:
+        if conn is not None:
+            yield conn
+        else:
+            with self._store.transaction() as own:
+                yield own
+
+    def create(self, keyset: Keyset, *, conn: Connection | None = None) -> StoredKeyset:
+        """Store a new keyset; :class:`Conflict` if the name is taken."""
+        now = self._clock()
+        keyset_id = str(uuid.uuid4())
+        with self._tx(conn) as tx:
+            taken = tx.execute(sa.select(keysets.c.id).where(keysets.c.name == keyset.name))
+            if taken.first() is not None:
+                raise Conflict(f"keyset {keyset.name!r} already exists")
+            tx.execute(
+                keysets.insert().values(
+                    id=keyset_id,
+                    name=keyset.name,
+                    purpose=keyset.purpose.value,
+                    template=_template_of(keyset),
+                    revision=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            rows = [self._row(keyset_id, w, now) for w in keyset.wrapped_versions(self._kek)]
+            if rows:
+                tx.execute(key_versions.insert(), rows)
+        return StoredKeyset(keyset, keyset_id, 1)
+
+    def load(self, name: str, *, conn: Connection | None = None) -> StoredKeyset:
+        """The keyset called ``name``; :class:`NotFound` if there is none."""
+        with self._tx(conn) as tx:
+            head = tx.execute(
+                sa.select(keysets.c.id, keysets.c.purpose, keysets.c.revision).where(
+                    keysets.c.name == name
+                )
+            ).first()
+            if head is None:
+                raise NotFound(f"no keyset {name!r}")
+            rows = tx.execute(
+                sa.select(key_versions)
+                .where(key_versions.c.keyset_id == head.id)
+                .order_by(key_versions.c.version)
+            ).all()
+        wrapped = [
+            WrappedVersion(
+                version=r.version,
+                key_id=r.key_id,
+                state=KeyState(r.state),
+                template=r.template,
+                public_key=r.public_key,
+                wrapped_material=r.wrapped_material,
+                kek_id=r.kek_id,
+                created_at=r.created_at,
+                state_changed_at=r.state_changed_at,
+            )
+            for r in rows
+        ]
+        keyset = Keyset.from_wrapped(name, head.purpose, wrapped, self._kek)
+        return StoredKeyset(keyset, head.id, head.revision)
+
+    def save(self, stored: StoredKeyset, *, conn: Connection | None = None) -> StoredKeyset:
+        """Write the keyset's changes since it was loaded; :class:`Conflict` if someone else
+        saved it in between."""
+        keyset = stored.keyset
+        now = self._clock()
+        with self._tx(conn) as tx:
+            bumped = tx.execute(
+                keysets.update()
+                .where(keysets.c.id == stored.id, keysets.c.revision == stored.revision)
+                .values(
+                    revision=stored.revision + 1,
+                    updated_at=now,
+                    template=_template_of(keyset),
+                )
+            )
+            if bumped.rowcount != 1:
+                raise Conflict(f"keyset {keyset.name!r} was changed by someone else; reload it")
+            existing = {
+                r.version: r.state
+                for r in tx.execute(
+                    sa.select(key_versions.c.version, key_versions.c.state).where(
+                        key_versions.c.keyset_id == stored.id
+                    )
+                )
+            }
+            for info in keyset.versions:
+                if info.version not in existing:
+                    wrapped = keyset.wrap_version(info.version, self._kek)
+                    tx.execute(key_versions.insert().values(**self._row(stored.id, wrapped, now)))
+                elif existing[info.version] != info.state.value:
+                    values: dict[str, object] = {
+                        "state": info.state.value,
+                        "state_changed_at": info.state_changed_at or now,
+                    }
+                    if info.state is KeyState.DESTROYED:
+                        values["wrapped_material"] = None
+                    tx.execute(
+                        key_versions.update()
+                        .where(
+                            key_versions.c.keyset_id == stored.id,
+                            key_versions.c.version == info.version,
+                        )
+                        .values(**values)
+                    )
+        return StoredKeyset(keyset, stored.id, stored.revision + 1)
+
+    def names(self, *, conn: Connection | None = None) -> list[str]:
+        with self._tx(conn) as tx:
+            return list(tx.execute(sa.select(keysets.c.name).order_by(keysets.c.name)).scalars())
+
+    def _row(self, keyset_id: str, w: WrappedVersion, now: datetime) -> dict[str, object]:
+        return {
+            "keyset_id": keyset_id,
+            "version": w.version,
+            "key_id": w.key_id,
+            "state": KeyState(w.state).value,
+            "template": w.template,
+            "public_key": w.public_key,
+            "wrapped_material": w.wrapped_material,
+            "kek_id": w.kek_id,
+            "created_at": w.created_at or now,
+            "state_changed_at": w.state_changed_at or now,
+        }
+
+
+def _template_of(keyset: Keyset) -> str:
+    """The template new versions get: the primary's, else the newest version's."""
+    info = keyset.primary or (keyset.versions[-1] if keyset.versions else None)
+    return info.template.name if info is not None else ""
