@@ -39,8 +39,9 @@ plain = st.recursive(
     | st.integers(min_value=-(2**64), max_value=2**64 - 1)
     | st.binary(max_size=64)
     | st.text(max_size=32),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
     max_leaves=20,
 )
 bodies = st.dictionaries(st.text(max_size=8), plain, max_size=6)

@@ -25,7 +25,6 @@ string (see :func:`parse_root_key_spec`).
 
 # python-pkcs11 is an optional extra and takes ~0.1 s to import, so it is
 # imported inside the functions that need it, never at module level.
-# ruff: noqa: PLC0415
 
 from __future__ import annotations
 

@@ -339,7 +339,7 @@ def _bind_value(conn: Connection, column: sa.Column[Any], value: object) -> obje
 
 
 def _pg_copy(conn: Connection, sql: str, types: list[str], rows: Sequence[tuple[Any, ...]]) -> None:
-    import psycopg  # noqa: PLC0415 -- the optional postgres extra, present with this dialect
+    import psycopg  # the optional postgres extra, present with this dialect
 
     if not rows:
         return

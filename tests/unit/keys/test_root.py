@@ -2,7 +2,6 @@
 
 # python-pkcs11 is optional: the file-key tests must run without it, so the
 # PKCS#11 tests import it where they need it.
-# ruff: noqa: PLC0415
 
 from __future__ import annotations
 

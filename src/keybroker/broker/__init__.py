@@ -1,0 +1,1 @@
+"""keybroker.broker: the trusted party's domain logic over the store."""

@@ -1,0 +1,79 @@
+"""keybroker.keys: keysets, templates and primitives — the only home of raw key bytes.
+
+Modelled on Tink. Pick a template, make a keyset, use it through a handle::
+
+    from keybroker.keys import AES256_GCM, Keyset
+
+    keyset = Keyset.generate("site/fra1/restore", AES256_GCM)
+    aead = keyset.aead()
+    ct = aead.encrypt(b"payload", associated_data=b"device-42")
+    assert aead.decrypt(ct, b"device-42") == b"payload"
+
+    v2 = keyset.add()             # pending: decrypts, does not encrypt yet
+    keyset.promote(v2.version)    # primary; version 1 becomes enabled
+
+Every output carries a 5-byte key-id prefix, so the right version is found
+by lookup. Key material leaves only encrypted under a
+:class:`KeyEncryptionKey` (:meth:`Keyset.encrypt_to_bytes`,
+:meth:`Keyset.wrapped_versions`), HPKE-sealed to one principal
+(:meth:`Keyset.seal_version`) or through
+:meth:`Keyset.export_secret_material`, which needs :data:`SECRET_ACCESS`.
+"""
+
+from keybroker.keys.access import SECRET_ACCESS, SecretAccessToken
+from keybroker.keys.handles import AeadHandle, HpkeHandle, KeysetHandle, MacHandle, SignerHandle
+from keybroker.keys.kek import KeyEncryptionKey
+from keybroker.keys.keyset import Keyset, KeyVersionInfo, WrappedVersion, version_aad
+from keybroker.keys.lifecycle import CONSUMING_STATES, TRANSITIONS, KeyOp, KeyState
+from keybroker.keys.public import PublicKeyset, PublicVersion
+from keybroker.keys.templates import (
+    AES256_GCM,
+    ECDSA_P256,
+    ED25519,
+    HMAC_SHA256,
+    RSA2048_PKCS1,
+    RSA2048_PSS,
+    RSA3072_PKCS1,
+    RSA3072_PSS,
+    TEMPLATES,
+    X25519_HPKE,
+    X25519_HPKE_CHACHA20,
+    KeyTemplate,
+    Purpose,
+    get_template,
+)
+
+__all__ = [
+    "AES256_GCM",
+    "CONSUMING_STATES",
+    "ECDSA_P256",
+    "ED25519",
+    "HMAC_SHA256",
+    "RSA2048_PKCS1",
+    "RSA2048_PSS",
+    "RSA3072_PKCS1",
+    "RSA3072_PSS",
+    "SECRET_ACCESS",
+    "TEMPLATES",
+    "TRANSITIONS",
+    "X25519_HPKE",
+    "X25519_HPKE_CHACHA20",
+    "AeadHandle",
+    "HpkeHandle",
+    "KeyEncryptionKey",
+    "KeyOp",
+    "KeyState",
+    "KeyTemplate",
+    "KeyVersionInfo",
+    "Keyset",
+    "KeysetHandle",
+    "MacHandle",
+    "PublicKeyset",
+    "PublicVersion",
+    "Purpose",
+    "SecretAccessToken",
+    "SignerHandle",
+    "WrappedVersion",
+    "get_template",
+    "version_aad",
+]

@@ -1,0 +1,119 @@
+"""Named key templates: what a key version is (algorithm and parameters) and what it is for.
+
+Like Tink's key templates (``aead.aead_key_templates.AES256_GCM``): callers
+pick a template by name and never choose a nonce size, padding or curve.
+Each template serves one or more :class:`Purpose`; a keyset has one purpose
+and accepts versions of any template that serves it, so a keyset can move
+from one algorithm to another by rotation.
+
+To add a key type (an EMV issuer key, say): add a :class:`Purpose` member if
+it needs a new one, a ``Kind`` in ``_material.py`` and a template here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Final
+
+from cryptography.hazmat.primitives.hpke import AEAD
+
+from keybroker.errors import KeysetError
+from keybroker.keys import _material
+
+
+class Purpose(StrEnum):
+    AEAD = "aead"
+    MAC = "mac"
+    SIGN = "sign"
+    HPKE = "hpke"
+    #: Private-key decryption (RSA for keyless TLS 1.2); no primitive yet.
+    DECRYPT = "decrypt"
+
+
+@dataclass(frozen=True, eq=False)
+class KeyTemplate:
+    """A named algorithm with fixed parameters. Compared and hashed by name."""
+
+    name: str
+    purposes: frozenset[Purpose]
+    kind: _material.Kind = field(repr=False)
+
+    @property
+    def algorithm(self) -> str:
+        return self.kind.algorithm
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.kind.asymmetric
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeyTemplate) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"KeyTemplate({self.name})"
+
+
+def _t(name: str, purposes: set[Purpose], kind: _material.Kind) -> KeyTemplate:
+    return KeyTemplate(name, frozenset(purposes), kind)
+
+
+AES256_GCM: Final = _t("AES256_GCM", {Purpose.AEAD}, _material.AesGcmKind(32))
+HMAC_SHA256: Final = _t("HMAC_SHA256", {Purpose.MAC}, _material.HmacKind(32))
+ED25519: Final = _t("ED25519", {Purpose.SIGN}, _material.Ed25519Kind())
+ECDSA_P256: Final = _t("ECDSA_P256", {Purpose.SIGN}, _material.EcdsaP256Kind())
+RSA2048_PSS: Final = _t("RSA2048_PSS", {Purpose.SIGN}, _material.RsaKind(2048, "pss"))
+RSA3072_PSS: Final = _t("RSA3072_PSS", {Purpose.SIGN}, _material.RsaKind(3072, "pss"))
+RSA2048_PKCS1: Final = _t("RSA2048_PKCS1", {Purpose.SIGN}, _material.RsaKind(2048, "pkcs1"))
+RSA3072_PKCS1: Final = _t("RSA3072_PKCS1", {Purpose.SIGN}, _material.RsaKind(3072, "pkcs1"))
+#: The default HPKE suite: RFC 9180 Appendix A.1 (AES-128-GCM) has its test vectors.
+X25519_HPKE: Final = _t(
+    "X25519_HPKE", {Purpose.HPKE}, _material.X25519HpkeKind(AEAD.AES_128_GCM, "AES-128-GCM")
+)
+#: For devices without AES instructions; RFC 9180 Appendix A.2.
+X25519_HPKE_CHACHA20: Final = _t(
+    "X25519_HPKE_CHACHA20",
+    {Purpose.HPKE},
+    _material.X25519HpkeKind(AEAD.CHACHA20_POLY1305, "ChaCha20-Poly1305"),
+)
+
+TEMPLATES: Final[Mapping[str, KeyTemplate]] = MappingProxyType(
+    {
+        t.name: t
+        for t in (
+            AES256_GCM,
+            HMAC_SHA256,
+            ED25519,
+            ECDSA_P256,
+            RSA2048_PSS,
+            RSA3072_PSS,
+            RSA2048_PKCS1,
+            RSA3072_PKCS1,
+            X25519_HPKE,
+            X25519_HPKE_CHACHA20,
+        )
+    }
+)
+
+
+def get_template(name: str | KeyTemplate) -> KeyTemplate:
+    """The template called ``name``; :class:`KeysetError` if there is none."""
+    if isinstance(name, KeyTemplate):
+        return name
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise KeysetError(f"unknown key template {name!r}") from None
+
+
+def as_purpose(value: str | Purpose) -> Purpose:
+    """``value`` as a :class:`Purpose`; :class:`KeysetError` if it is not one."""
+    try:
+        return Purpose(value)
+    except ValueError:
+        raise KeysetError(f"unknown keyset purpose {value!r}") from None
