@@ -87,6 +87,9 @@ principals = Table(
     Column("hpke_key_signature", LargeBinary, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # The HPKE key's template and key id (the 5-byte prefix the principal opens by); 0002.
+    Column("hpke_key_id", BigInteger, nullable=True),
+    Column("hpke_template", String(32), nullable=True),
     UniqueConstraint("kind", "name"),
     CheckConstraint(_in("kind", PRINCIPAL_KINDS), name="kind"),
     CheckConstraint(_in("status", ("pending", "active", "revoked")), name="status"),
@@ -196,8 +199,13 @@ deliveries = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime, nullable=True),
     Column("failure_reason", String(256), nullable=True),
+    # The broker's signature over the delivery envelope (HPKE base mode does not say who
+    # sealed), and the proof of possession the principal acked with; 0002.
+    Column("signature", LargeBinary, nullable=True),
+    Column("ack_proof", LargeBinary, nullable=True),
     CheckConstraint(_in("state", DELIVERY_STATES), name="state"),
     Index(None, "principal_id", "state"),
+    Index(None, "state", "expires_at"),
 )
 
 log_leaves = Table(

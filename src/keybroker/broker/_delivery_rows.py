@@ -1,0 +1,108 @@
+"""Ending outstanding deliveries in bulk, for the operations that make them moot.
+
+A ``sent`` delivery stops being deliverable when its recipient is revoked or
+re-keyed, its hold grant is revoked, or its key version is disabled or
+destroyed. Those operations call :func:`fail_sent` in their own transaction,
+so no ``sent`` delivery ever outlives what allowed it; :func:`expire_sent`
+does the same for deliveries past their deadline.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from keybroker.broker.events import DeliveryExpired, DeliveryFailed, Event, to_ms
+from keybroker.store.schema import deliveries, keysets, principals
+
+SENT = "sent"
+
+
+def _described(conn: Connection, ids: list[str]) -> list[Any]:
+    if not ids:
+        return []
+    query = (
+        sa.select(
+            deliveries.c.id,
+            deliveries.c.version,
+            principals.c.kind,
+            principals.c.name,
+            keysets.c.name.label("keyset"),
+        )
+        .join(principals, principals.c.id == deliveries.c.principal_id)
+        .join(keysets, keysets.c.id == deliveries.c.keyset_id)
+        .where(deliveries.c.id.in_(ids))
+        .order_by(deliveries.c.id)
+    )
+    return list(conn.execute(query))
+
+
+def fail_sent(
+    conn: Connection,
+    now: datetime,
+    reason: str,
+    *,
+    delivery_id: str | None = None,
+    principal_id: str | None = None,
+    keyset_id: str | None = None,
+    version: int | None = None,
+) -> list[Event]:
+    """Mark every matching ``sent`` delivery ``failed``; return the events to log."""
+    conditions = [deliveries.c.state == SENT]
+    if delivery_id is not None:
+        conditions.append(deliveries.c.id == delivery_id)
+    if principal_id is not None:
+        conditions.append(deliveries.c.principal_id == principal_id)
+    if keyset_id is not None:
+        conditions.append(deliveries.c.keyset_id == keyset_id)
+    if version is not None:
+        conditions.append(deliveries.c.version == version)
+    ids = list(
+        conn.execute(
+            deliveries.update()
+            .where(*conditions)
+            .values(state="failed", completed_at=now, failure_reason=reason)
+            .returning(deliveries.c.id)
+        ).scalars()
+    )
+    return [
+        DeliveryFailed(
+            at_ms=to_ms(now),
+            delivery_id=row.id,
+            principal=f"{row.kind}/{row.name}",
+            keyset=row.keyset,
+            version=row.version,
+            reason=reason,
+        )
+        for row in _described(conn, ids)
+    ]
+
+
+def expire_sent(
+    conn: Connection, now: datetime, *, delivery_ids: list[str] | None = None
+) -> list[Event]:
+    """Mark ``sent`` deliveries whose deadline has passed ``expired``; return the events."""
+    conditions = [deliveries.c.state == SENT, deliveries.c.expires_at <= now]
+    if delivery_ids is not None:
+        conditions.append(deliveries.c.id.in_(delivery_ids))
+    ids = list(
+        conn.execute(
+            deliveries.update()
+            .where(*conditions)
+            .values(state="expired", completed_at=now)
+            .returning(deliveries.c.id)
+        ).scalars()
+    )
+    return [
+        DeliveryExpired(
+            at_ms=to_ms(now),
+            delivery_id=row.id,
+            principal=f"{row.kind}/{row.name}",
+            keyset=row.keyset,
+            version=row.version,
+        )
+        for row in _described(conn, ids)
+    ]
