@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from keybroker import __version__
+from keybroker.cli import operator
 from keybroker.errors import KeybrokerError
 from keybroker.store.engine import default_home
 
@@ -71,6 +72,13 @@ def demo(
 
     ok = run_demo(keep=keep)
     raise typer.Exit(0 if ok else 1)
+
+
+app.add_typer(operator.principal_app, name="principal")
+app.add_typer(operator.keyset_app, name="keyset")
+app.add_typer(operator.grant_app, name="grant")
+app.add_typer(operator.delivery_app, name="delivery")
+app.add_typer(operator.log_app, name="log")
 
 
 def main() -> None:

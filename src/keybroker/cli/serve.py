@@ -1,0 +1,80 @@
+"""``keybroker serve``: the broker's HTTPS API under uvicorn.
+
+The TLS server certificate is issued by the broker CA at every start (for the
+names and addresses the server is reached by), with a fresh P-256 key that
+exists only for this process. uvicorn (Python's ``ssl``) loads keys only from
+files, so the key is written encrypted (PKCS#8 with a random passphrase held
+in memory) to a 0600 file in a private directory, and deleted on exit: the key
+never lies on disk in clear.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keybroker.pki import CertificateAuthority, PrincipalId, certificate_pem
+
+SERVER_PRINCIPAL = PrincipalId.parse("service/keybroker")
+SERVER_CERT_VALIDITY = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    certfile: Path
+    keyfile: Path
+    password: str
+
+    def __repr__(self) -> str:
+        return f"TlsFiles({self.certfile}, {self.keyfile})"
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+@contextmanager
+def server_tls_files(
+    ca: CertificateAuthority, names: list[str], now: datetime
+) -> Iterator[TlsFiles]:
+    """A CA-issued server certificate for ``names`` and its encrypted key, removed afterwards."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.issue_identity(
+        SERVER_PRINCIPAL,
+        key.public_key(),
+        now,
+        SERVER_CERT_VALIDITY,
+        serial_number="keybroker-server",
+        server_auth=True,
+        extra_sans=[_san(n) for n in dict.fromkeys(names)],
+    )
+    password = secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory(prefix="keybroker-tls-") as tmp:
+        os.chmod(tmp, 0o700)
+        certfile = Path(tmp) / "server.pem"
+        keyfile = Path(tmp) / "server.key"
+        certfile.write_bytes(certificate_pem(cert) + certificate_pem(ca.certificate))
+        fd = os.open(keyfile, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.BestAvailableEncryption(password.encode()),
+                )
+            )
+        yield TlsFiles(certfile, keyfile, password)
