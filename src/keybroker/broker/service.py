@@ -106,6 +106,11 @@ class Broker:
     def log(self) -> TransparencyLog:
         return self._ctx.log
 
+    @property
+    def store(self) -> Store:
+        """The database (the HTTP API keeps its admin credentials and nonce cache there)."""
+        return self._ctx.store
+
     # -- enrolment and principals --------------------------------------------------
 
     def create_enrolment_token(

@@ -238,3 +238,30 @@ tree_heads = Table(
     Column("signature", LargeBinary, nullable=False),
     Column("key_id", String(64), nullable=False),
 )
+
+# -- the HTTP API's own tables (0003) ------------------------------------------------
+
+# Operator credentials made by ``keybroker init``: only a domain-separated SHA-256 of each
+# 256-bit random token is kept; the token is shown once and never stored.
+admin_credentials = Table(
+    "admin_credentials",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("token_hash", LargeBinary(32), nullable=False, unique=True),
+    Column("label", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+# RFC 9421 signature nonces seen recently, shared by every replica: a (principal, nonce)
+# pair is accepted once. Rows are useless (and purged) once a signature carrying them
+# would be refused as too old anyway.
+request_nonces = Table(
+    "request_nonces",
+    metadata,
+    Column("principal", String(64), nullable=False),
+    Column("nonce", String(64), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("principal", "nonce"),
+    Index(None, "expires_at"),
+)

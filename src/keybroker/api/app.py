@@ -1,0 +1,121 @@
+"""The application factory and its OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware import Middleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+from prometheus_client import CollectorRegistry
+
+from keybroker import __version__
+from keybroker.api.auth import ApiContext
+from keybroker.api.middleware import BodyLimit, DeliveryStates, Metrics
+from keybroker.api.problems import (
+    PROBLEM_MEDIA_TYPE,
+    Problem,
+    ValidationProblem,
+    install_handlers,
+)
+from keybroker.api.routes import deliveries, enrolment, grants, keysets, log, principals, system
+from keybroker.api.settings import ApiSettings
+from keybroker.api.signatures import NonceCache
+from keybroker.broker import Broker
+
+DESCRIPTION = """\
+The keybroker trusted party over HTTPS.
+
+* **Operators** send `Authorization: Bearer <admin token>` (made by `keybroker init`).
+* **Principals** sign every request with their enrolled identity key, per RFC 9421
+  HTTP Message Signatures: `keyid` is the principal id, `tag="keybroker"`, covering
+  `@method`, `@target-uri` and (with a body) `content-digest` (RFC 9530), with
+  `created` and a single-use `nonce`.
+* Every error is an RFC 9457 `application/problem+json` document whose `type` is
+  stable.
+"""
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name
+
+
+def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
+    """The API for ``broker``. Holds no state of its own beyond caches that may be lost:
+    any number of these, in any number of processes, may serve one database."""
+    settings = settings or ApiSettings()
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(DeliveryStates(broker.store))
+    app = FastAPI(
+        title=settings.title,
+        version=__version__,
+        description=DESCRIPTION,
+        redirect_slashes=False,
+        generate_unique_id_function=_operation_id,
+        middleware=[
+            Middleware(Metrics, registry=registry),
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        ],
+    )
+    app.state.keybroker = ApiContext(
+        broker=broker,
+        settings=settings,
+        nonces=NonceCache(broker.store, settings.signature_max_skew),
+    )
+    app.state.metrics = registry
+    install_handlers(app)
+    for module in (system, enrolment, principals, keysets, grants, deliveries, log):
+        app.include_router(module.router)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
+    return app
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with every 4xx/5xx answer as ``application/problem+json``
+    and the two credentials described as security schemes."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+    )
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    ref = "#/components/schemas/{model}"
+    for model in (Problem, ValidationProblem):
+        schema = model.model_json_schema(ref_template=ref)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    # FastAPI's own 422 schema is replaced by ValidationProblem everywhere.
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            for code, response in responses.items():
+                if str(code)[0] in "45":
+                    name = "ValidationProblem" if str(code) == "422" else "Problem"
+                    response["content"] = {
+                        PROBLEM_MEDIA_TYPE: {"schema": {"$ref": ref.format(model=name)}}
+                    }
+    components["securitySchemes"] = {
+        "adminToken": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "Operator credential created by `keybroker init` (`kbadm_…`).",
+        },
+        "httpSignature": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Signature",
+            "description": (
+                "RFC 9421 HTTP Message Signature (with its `Signature-Input` header) by the "
+                "principal's enrolled identity key; see the API description for the profile."
+            ),
+        },
+    }
+    app.openapi_schema = doc
+    return doc
