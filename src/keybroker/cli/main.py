@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +14,8 @@ from keybroker import __version__
 from keybroker.cli import operator
 from keybroker.errors import KeybrokerError
 from keybroker.store.engine import default_home
+
+ADMIN_TOKEN_FILENAME = "admin.token"  # noqa: S105 - a file name
 
 app = typer.Typer(
     name="keybroker",
@@ -54,13 +57,118 @@ def init(
     from keybroker.broker.home import init_home
 
     target = home or default_home()
+    from keybroker.api.admin import create_admin_credential
+
     with init_home(target, db_url=db, root_key=root_key) as opened:
         head = opened.log.tree_head()
+        admin_token = create_admin_credential(opened.store, now=opened.clock())
+        token_file = target / ADMIN_TOKEN_FILENAME
+        fd = os.open(token_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(admin_token + "\n")
         typer.echo(f"initialised {target}")
         typer.echo(f"  root key   {opened.root_key.kek_id}")
         typer.echo(f"  database   {opened.store!r}")
         typer.echo(f"  CA         {opened.ca.certificate.subject.rfc4514_string()}")
         typer.echo(f"  log        size {head.tree_size}, root {head.root_hash.hex()[:16]}…")
+        typer.echo(f"  admin      token in {token_file} (0600); move it off this host if you like")
+
+
+@app.command()
+def serve(
+    home: HomeOption = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8443,
+    name: Annotated[
+        list[str] | None,
+        typer.Option(help="extra DNS name or IP for the server certificate (repeatable)"),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the HTTPS API (server certificate issued by the broker CA at start)."""
+    from keybroker.cli.serve import serve as run_server
+
+    run_server(
+        home or default_home(),
+        host=host,
+        port=port,
+        names=["localhost", "127.0.0.1", *(name or [])],
+        log_level=log_level,
+    )
+
+
+@app.command()
+def enroll(
+    principal: Annotated[str, typer.Argument(help="KIND/NAME this principal enrols as")],
+    url: Annotated[str, typer.Option(help="broker URL, e.g. https://broker:8443")],
+    ca: Annotated[Path, typer.Option(help="the broker CA certificate (PEM) from the operator")],
+    token: Annotated[str, typer.Option(envvar="KEYBROKER_ENROL_TOKEN", help="enrolment token")],
+    keyring: Annotated[Path, typer.Option(help="where to keep this principal's keys")],
+    passphrase_env: Annotated[
+        str, typer.Option(help="environment variable holding the keyring passphrase")
+    ] = "KEYBROKER_KEYRING_PASSPHRASE",  # noqa: S107 - a variable name
+    algorithm: Annotated[str, typer.Option(help="identity key: ed25519 or p256")] = "ed25519",
+) -> None:
+    """Enrol this machine as a principal: make its keys, get its certificate."""
+    import asyncio
+
+    from keybroker.client.principal import PrincipalClient
+
+    passphrase = _passphrase(passphrase_env)
+    if algorithm not in ("ed25519", "p256"):
+        raise typer.BadParameter("algorithm is ed25519 or p256")
+
+    async def run() -> None:
+        client = await PrincipalClient.enrol(
+            url,
+            ca.read_bytes(),
+            principal,
+            token,
+            keyring,
+            passphrase=passphrase,
+            identity_algorithm="ed25519" if algorithm == "ed25519" else "p256",
+        )
+        await client.aclose()
+
+    asyncio.run(run())
+    typer.echo(f"enrolled {principal}; keyring {keyring} (0600, encrypted)")
+
+
+@app.command()
+def receive(
+    keyring: Annotated[Path, typer.Option(help="this principal's keyring")],
+    wait: Annotated[float, typer.Option(help="seconds to wait for a delivery")] = 0,
+    url: Annotated[str | None, typer.Option(help="broker URL (default: the enrolled one)")] = None,
+    passphrase_env: Annotated[
+        str, typer.Option(help="environment variable holding the keyring passphrase")
+    ] = "KEYBROKER_KEYRING_PASSPHRASE",  # noqa: S107 - a variable name
+) -> None:
+    """Fetch this principal's deliveries, open them into the keyring and ack each."""
+    import asyncio
+
+    from keybroker.client.principal import PrincipalClient
+
+    passphrase = _passphrase(passphrase_env)
+
+    async def run() -> list[str]:
+        async with PrincipalClient.open(keyring, passphrase=passphrase, url=url) as client:
+            acked = await client.receive(wait=wait)
+            return [f"{d.keyset} v{d.version}: {d.state}" for d in acked]
+
+    done = asyncio.run(run())
+    for line in done:
+        typer.echo(line)
+    if not done:
+        typer.echo("no deliveries")
+
+
+def _passphrase(variable: str) -> str:
+    value = os.environ.get(variable)
+    if value is None:
+        value = typer.prompt("keyring passphrase", hide_input=True)
+    if len(value) < 8:
+        raise typer.BadParameter("the keyring passphrase must have at least 8 characters")
+    return value
 
 
 @app.command()

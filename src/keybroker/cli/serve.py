@@ -78,3 +78,38 @@ def server_tls_files(
                 )
             )
         yield TlsFiles(certfile, keyfile, password)
+
+
+def serve(
+    home: Path,
+    *,
+    host: str,
+    port: int,
+    names: list[str],
+    log_level: str = "info",
+) -> None:
+    """Run the API over HTTPS until interrupted (SIGINT/SIGTERM stop it gracefully)."""
+    import uvicorn
+
+    from keybroker.api.app import create_app
+    from keybroker.api.settings import ApiSettings
+    from keybroker.broker.home import open_home
+    from keybroker.broker.service import Broker
+
+    with open_home(home) as opened:
+        broker = Broker.from_home(opened)
+        app = create_app(broker, ApiSettings(clock=opened.clock))
+        with server_tls_files(opened.ca, [host, *names], opened.clock()) as tls:
+            config = uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                ssl_certfile=str(tls.certfile),
+                ssl_keyfile=str(tls.keyfile),
+                ssl_keyfile_password=tls.password,
+                log_level=log_level,
+                server_header=False,
+                proxy_headers=False,
+                timeout_graceful_shutdown=5,
+            )
+            uvicorn.Server(config).run()
