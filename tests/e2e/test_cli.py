@@ -24,7 +24,16 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 def test_demo_runs_every_stage() -> None:
     result = _run("demo")
     assert result.returncode == 0, result.stdout + result.stderr
-    for stage in ("init", "keyset lifecycle", "identity certificate", "transparency log"):
+    for stage in (
+        "init",
+        "keyset lifecycle",
+        "identity certificate",
+        "transparency log",
+        "broker service",
+        "enrolment",
+        "delivery and ack",
+        "log over the API",
+    ):
         assert stage in result.stdout
     assert "FAILED" not in result.stdout
 
@@ -35,6 +44,7 @@ def test_init_creates_a_home_and_refuses_twice(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     assert "initialised" in first.stdout
     assert (home / "root.key").exists()
+    assert oct((home / "admin.token").stat().st_mode & 0o777) == "0o600"
     assert (home / "ca.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
     second = _run("init", "--home", str(home))
     assert second.returncode == 2

@@ -15,8 +15,6 @@ from keybroker.cli import operator
 from keybroker.errors import KeybrokerError
 from keybroker.store.engine import default_home
 
-ADMIN_TOKEN_FILENAME = "admin.token"  # noqa: S105 - a file name
-
 app = typer.Typer(
     name="keybroker",
     help="A trusted party that distributes keys, and the protocols that use them.",
@@ -57,15 +55,11 @@ def init(
     from keybroker.broker.home import init_home
 
     target = home or default_home()
-    from keybroker.api.admin import create_admin_credential
+    from keybroker.cli.credentials import write_admin_token
 
     with init_home(target, db_url=db, root_key=root_key) as opened:
         head = opened.log.tree_head()
-        admin_token = create_admin_credential(opened.store, now=opened.clock())
-        token_file = target / ADMIN_TOKEN_FILENAME
-        fd = os.open(token_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(admin_token + "\n")
+        token_file = write_admin_token(opened)
         typer.echo(f"initialised {target}")
         typer.echo(f"  root key   {opened.root_key.kek_id}")
         typer.echo(f"  database   {opened.store!r}")
