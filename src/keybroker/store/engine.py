@@ -78,6 +78,22 @@ class Store:
         except DBAPIError as exc:
             raise StoreError(f"database error: {type(exc.orig).__name__}") from exc
 
+    @contextmanager
+    def reader(self) -> Iterator[Connection]:
+        """A connection for reads that need no snapshot across statements (append-only data,
+        or a single statement). On PostgreSQL it runs in autocommit, which saves the BEGIN
+        and ROLLBACK round trips a :meth:`snapshot` costs on every call; on SQLite it is a
+        snapshot (there is no round trip to save)."""
+        if self.dialect != "postgresql":
+            with self.snapshot() as conn:
+                yield conn
+            return
+        try:
+            with self.engine.connect() as raw:
+                yield raw.execution_options(isolation_level="AUTOCOMMIT")
+        except DBAPIError as exc:
+            raise StoreError(f"database error: {type(exc.orig).__name__}") from exc
+
     def lock(self, conn: Connection, name: str) -> None:
         """Serialise writers on ``name`` until the transaction ends (no-op on SQLite,
         where ``BEGIN IMMEDIATE`` already made this the only writer)."""
