@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .processes import Env, free_port
 
@@ -81,5 +82,15 @@ def test_enrol_deliver_ack_refuse_verify(
     env.run("keyset", "rotate", "links/a")
     second = env.run("log", "verify", "--full").stdout
     assert "consistent with size" in second
+    # The same check over the API, like a CT monitor, pinning the log key on first use.
+    remote = ["log", "verify", "--url", urls[0], "--ca", str(env.home / "ca.pem")]
+    assert "log ok" in env.run(*remote).stdout
+    assert (env.home / "log-monitor.key").exists()
+    env.run("keyset", "rotate", "links/a")
+    assert "consistent with size" in env.run(*remote).stdout
+    other_key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    (env.home / "log-monitor.key").write_bytes(other_key)  # as if the broker changed its key
+    forged = env.run(*remote, ok=False)
+    assert forged.returncode == 2
     for keyring in tmp_path.glob("*.keyring"):
         assert oct(keyring.stat().st_mode & 0o777) == "0o600"

@@ -22,6 +22,7 @@ from keybroker.broker.home import open_home
 from keybroker.broker.service import Broker
 from keybroker.errors import ConfigurationError
 from keybroker.keys import TEMPLATES
+from keybroker.log.sth import SignedTreeHead
 from keybroker.store.engine import default_home
 
 out = Console()
@@ -295,20 +296,66 @@ log_app = typer.Typer(help="The transparency log.", no_args_is_help=True)
 @log_app.command("verify")
 def log_verify(
     full: Annotated[
-        bool, typer.Option(help="also recompute the root from every entry (slow on big logs)")
+        bool, typer.Option(help="also recompute the root from every entry (local mode; slow)")
     ] = False,
+    url: Annotated[
+        str | None,
+        typer.Option(help="check a broker over its API, like a CT monitor, instead of the home"),
+    ] = None,
+    ca: Annotated[Path | None, typer.Option(help="broker CA (PEM) for --url")] = None,
+    admin_token_file: Annotated[
+        Path | None, typer.Option(help="operator token for --url [default: <home>/admin.token]")
+    ] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="where the last verified head is kept [default: in the home]"),
+    ] = None,
     home: HomeOption = None,
 ) -> None:
-    """Check the latest signed tree head, and that it extends the last one this home saw."""
-    from keybroker.log.sth import SignedTreeHead
+    """Check the latest signed tree head, and that it extends the last one seen here.
 
+    With ``--url`` the check runs over the API and pins the log key seen the first
+    time: a broker that changes its log key or rewrites history is reported.
+    """
     target = home or default_home()
-    seen_file = target / "log-head.seen"
+    seen_file = state or target / ("log-head.seen" if url is None else "log-monitor.seen")
     previous = SignedTreeHead.decode(seen_file.read_bytes()) if seen_file.exists() else None
-    with broker_for(home) as broker:
-        head = broker.verify_log(previous=previous, full=full)
+    if url is None:
+        with broker_for(home) as broker:
+            head = broker.verify_log(previous=previous, full=full)
+    else:
+        head = _verify_remote(url, ca or target / "ca.pem", admin_token_file, target, previous)
     tmp = seen_file.with_suffix(".tmp")
     tmp.write_bytes(head.encode())
     tmp.replace(seen_file)
     since = "" if previous is None else f", consistent with size {previous.tree_size} seen before"
     out.print(f"log ok: {head.tree_size} entries, root {head.root_hash.hex()[:16]}…{since}")
+
+
+def _verify_remote(
+    url: str,
+    ca: Path,
+    token_file: Path | None,
+    home: Path,
+    previous: SignedTreeHead | None,
+) -> SignedTreeHead:
+    import asyncio
+
+    from keybroker.cli.credentials import read_admin_token
+    from keybroker.client.operator import OperatorClient
+
+    token = token_file.read_text().strip() if token_file is not None else read_admin_token(home)
+    pin_file = home / "log-monitor.key"
+    pinned = pin_file.read_bytes() if pin_file.exists() else None
+
+    async def run() -> tuple[SignedTreeHead, bytes]:
+        async with OperatorClient(url, token, ca.read_bytes()) as op:
+            # With a pinned key, a head signed by any other key fails to verify.
+            key = pinned if pinned is not None else await op.log_public_key()
+            log = await op.log(public_key=key)
+            return await log.check(previous), key
+
+    head, key = asyncio.run(run())
+    if pinned is None:
+        pin_file.write_bytes(key)
+    return head

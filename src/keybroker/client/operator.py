@@ -210,12 +210,16 @@ class OperatorClient:
 
     # -- the log -----------------------------------------------------------------------
 
+    async def log_public_key(self) -> bytes:
+        """The log's Ed25519 public key (raw), as served; pin it on first use."""
+        out = await self._conn.call(schemas.LogPublicKey, "GET", "/v1/log/public-key")
+        return out.public_key
+
     async def log(self, public_key: bytes | None = None) -> LogClient:
         """A :class:`LogClient`. Without ``public_key`` the log key is fetched once over the
         pinned TLS connection; pass the one you recorded to check the broker against it."""
         if self._log is None or public_key is not None:
             if public_key is None:
-                out = await self._conn.call(schemas.LogPublicKey, "GET", "/v1/log/public-key")
-                public_key = out.public_key
+                public_key = await self.log_public_key()
             self._log = LogClient(self._conn, public_key, headers=self._auth)
         return self._log
