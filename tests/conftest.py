@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,12 @@ def missing(what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required under CI=true", pytrace=False)
     pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture
+def require() -> Callable[[str], None]:
+    """``require(what)``: skip (outside CI) or fail (under CI) because ``what`` is missing."""
+    return missing
 
 
 @pytest.hookimpl(hookwrapper=True)

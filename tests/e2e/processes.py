@@ -46,9 +46,9 @@ class Env:
             assert result.returncode == 0, f"{args}: {result.stdout}{result.stderr}"
         return result
 
-    def serve(self, port: int) -> subprocess.Popen[bytes]:
+    def serve(self, port: int, *extra: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [*KB, "serve", "--port", str(port), "--log-level", "warning"],
+            [*KB, "serve", "--port", str(port), "--log-level", "warning", *extra],
             cwd=self.workdir,
             env=self.env,
             stdout=subprocess.DEVNULL,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -47,7 +49,23 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     registry = CollectorRegistry(auto_describe=True)
     registry.register(DeliveryStates(broker.store))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx: ApiContext = app.state.keybroker
+        if settings.bus_url is not None:
+            from keybroker.api.wakeups import BusWakeups
+
+            ctx.wakeups = await BusWakeups.start(settings.bus_url, settings.wake_topic, ctx.waker)
+        try:
+            yield
+        finally:
+            if ctx.wakeups is not None:
+                await ctx.wakeups.close()
+                ctx.wakeups = None
+
     app = FastAPI(
+        lifespan=lifespan,
         title=settings.title,
         version=__version__,
         description=DESCRIPTION,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from fastapi import Depends, Request
@@ -34,6 +34,9 @@ from keybroker.broker import Broker
 from keybroker.errors import AuthorizationError, DecodeError, NotFound
 from keybroker.pki import PrincipalId, verify_principal_certificate
 from keybroker.store.engine import Store
+
+if TYPE_CHECKING:
+    from keybroker.api.wakeups import BusWakeups
 
 _BEARER = "bearer "
 
@@ -63,6 +66,8 @@ class ApiContext:
     settings: ApiSettings
     nonces: signatures.NonceCache
     waker: Waker = field(default_factory=Waker)
+    #: Set while a bus is configured and connected (``api/wakeups.py``).
+    wakeups: BusWakeups | None = None
 
     @property
     def store(self) -> Store:

@@ -30,6 +30,8 @@ class ApiSettings:
       (``https://broker.example:8443``), when a proxy in front rewrites them;
       signatures cover the target URI the client saw. ``None``: take them from
       the request.
+    * ``bus_url`` / ``wake_topic`` — with a bus, a delivery made on one replica
+      wakes the long-polls of every replica at once (see ``api/wakeups.py``).
     * ``clock`` — the time used for signature freshness, certificate validity
       and the nonce cache; the broker's clock in tests.
     """
@@ -41,3 +43,6 @@ class ApiSettings:
     public_url: str | None = None
     clock: Callable[[], datetime] = utc_now
     title: str = "keybroker"
+    #: ``nats://…`` / ``mqtt://…``: wake long-polls on every replica through this bus.
+    bus_url: str | None = None
+    wake_topic: str = "kb.wake"

@@ -78,6 +78,16 @@ def serve(
         typer.Option(help="extra DNS name or IP for the server certificate (repeatable)"),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    bus: Annotated[
+        str | None,
+        typer.Option(help="nats://… or mqtt://…: wake long-polls on every replica at once"),
+    ] = None,
+    wake_topic: Annotated[str, typer.Option(help="bus topic replicas wake each other on")] = (
+        "kb.wake"
+    ),
+    poll_interval: Annotated[
+        float, typer.Option(help="seconds between database looks of a waiting long-poll")
+    ] = 1.0,
 ) -> None:
     """Serve the HTTPS API (server certificate issued by the broker CA at start)."""
     from keybroker.cli.serve import serve as run_server
@@ -88,6 +98,9 @@ def serve(
         port=port,
         names=["localhost", "127.0.0.1", *(name or [])],
         log_level=log_level,
+        bus_url=bus,
+        wake_topic=wake_topic,
+        poll_interval=poll_interval,
     )
 
 

@@ -87,6 +87,9 @@ def serve(
     port: int,
     names: list[str],
     log_level: str = "info",
+    bus_url: str | None = None,
+    wake_topic: str = "kb.wake",
+    poll_interval: float = 1.0,
 ) -> None:
     """Run the API over HTTPS until interrupted (SIGINT/SIGTERM stop it gracefully)."""
     import uvicorn
@@ -98,7 +101,13 @@ def serve(
 
     with open_home(home) as opened:
         broker = Broker.from_home(opened)
-        app = create_app(broker, ApiSettings(clock=opened.clock))
+        settings = ApiSettings(
+            clock=opened.clock,
+            bus_url=bus_url,
+            wake_topic=wake_topic,
+            poll_interval_seconds=poll_interval,
+        )
+        app = create_app(broker, settings)
         with server_tls_files(opened.ca, [host, *names], opened.clock()) as tls:
             config = uvicorn.Config(
                 app,

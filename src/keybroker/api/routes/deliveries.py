@@ -77,6 +77,8 @@ async def create_delivery(body: DeliveryCreate, ctx: Context) -> DeliveryOut:
 
     info = await run_in_threadpool(deliver)
     ctx.waker.wake()
+    if ctx.wakeups is not None:
+        await ctx.wakeups.notify()
     return delivery_out(info)
 
 
