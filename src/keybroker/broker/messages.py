@@ -14,14 +14,13 @@ The client SDK imports this module to produce exactly what the broker checks:
   certificate the principal received when it enrolled;
 * :func:`make_ack_proof` — the proof of possession that acknowledges a delivery.
 
-Why the ack is a MAC for every purpose, signing keysets included: a delivered
-version is installed *pending* on the principal (make-before-break), and
-:mod:`keybroker.keys` signs only with the primary. The proof is
-:meth:`Keyset.prove_possession` — HMAC-SHA256 under a key HKDF-derived from
-the delivered version's secret, over a message naming keyset, version and key
-id — which proves possession of a private key as well as of a symmetric one,
-and is checked by the broker on its own copy. The challenge proven is bound to
-the delivery id, so a proof for one delivery never acknowledges another.
+The proof is :meth:`Keyset.prove_possession` over a message naming keyset,
+version and key id: for signing keysets a signature with the delivered version
+(checkable with its public key alone, even while the version is still pending
+on the principal), for every other purpose an HMAC-SHA256 under a key
+HKDF-derived from the delivered secret, checked by the broker on its own copy.
+The challenge proven is bound to the delivery id, so a proof for one delivery
+never acknowledges another.
 """
 
 from __future__ import annotations

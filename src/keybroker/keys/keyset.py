@@ -394,21 +394,28 @@ class Keyset(NoPickle):
     # -- proof of possession -----------------------------------------------------
 
     def prove_possession(self, version: int, challenge: bytes) -> bytes:
-        """HMAC-SHA256 over ``challenge`` under a key derived from ``version``'s secret.
+        """Show that we hold ``version`` (any state with material, pending included).
 
-        Lets a principal show it holds a delivered version (any state with
-        material, pending included) without revealing it; the broker checks
-        with :meth:`verify_possession` on its own copy.
+        * signing keys sign the challenge message with that version: anyone with
+          its public key can check the proof, and no secret is needed to verify;
+        * every other key (AEAD, MAC, HPKE) MACs it (HMAC-SHA256) under a key
+          derived from the version's secret, never the secret itself; the broker
+          checks on its own copy.
         """
-        return _material.HmacSecret(self._secret_of(version).pop_key()).compute(
-            self._pop_message(version, challenge)
-        )
+        secret = self._secret_of(version)
+        message = self._pop_message(version, challenge)
+        if isinstance(secret, _material.SigningSecret):
+            return secret.sign(message)
+        return _material.HmacSecret(secret.pop_key()).compute(message)
 
     def verify_possession(self, version: int, challenge: bytes, proof: bytes) -> None:
-        """Return ``None`` or raise :class:`CryptoError` (constant-time comparison)."""
-        _material.HmacSecret(self._secret_of(version).pop_key()).verify(
-            self._pop_message(version, challenge), proof
-        )
+        """Return ``None`` or raise :class:`CryptoError` (MACs compared in constant time)."""
+        entry = self._entry(version)
+        message = self._pop_message(version, challenge)
+        if isinstance(entry.public, _material.VerifyingKey):
+            entry.public.verify(bytes(proof), message)
+            return
+        _material.HmacSecret(self._secret_of(version).pop_key()).verify(message, proof)
 
     def _pop_message(self, version: int, challenge: bytes) -> bytes:
         entry = self._entry(version)
