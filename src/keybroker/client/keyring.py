@@ -82,6 +82,9 @@ class KekSource:
         self._passphrase = passphrase
         self._kek = kek
         self._log2_n = log2_n
+        # scrypt costs ~0.1 s by design; derive once per source and reuse the same salt
+        # for later saves (each save still encrypts under a fresh random nonce).
+        self._derived: tuple[dict[str, Any], KeyEncryptionKey] | None = None
 
     def __repr__(self) -> str:
         return "KekSource(passphrase)" if self._kek is None else f"KekSource({self._kek.kek_id})"
@@ -89,6 +92,8 @@ class KekSource:
     def new_params(self) -> dict[str, Any]:
         if self._kek is not None:
             return {"name": "kek", "kek_id": self._kek.kek_id}
+        if self._derived is not None:
+            return dict(self._derived[0])
         return {
             "name": "scrypt",
             "salt": os.urandom(_SALT_SIZE),
@@ -125,8 +130,12 @@ class KekSource:
             and 1 <= p <= _MAX_P
         ):
             raise DecodeError("keyring KDF parameters out of range")
+        if self._derived is not None and self._derived[0] == params:
+            return self._derived[1]
         derived = Scrypt(salt=salt, length=32, n=1 << log2_n, r=r, p=p).derive(self._passphrase)
-        return _DerivedKek(derived)
+        kek = _DerivedKek(derived)
+        self._derived = (dict(params), kek)
+        return kek
 
 
 class _DerivedKek:
