@@ -294,7 +294,12 @@ class TransparencyLog:
         if not ids:
             return {}
         if self._postgres:
-            params = {"levels": [level for level, _ in ids], "idxs": [idx for _, idx in ids]}
+            # Array literals as text: psycopg adapts a str at once, while a list of ints is
+            # inspected element by element (~0.3 ms a proof); PostgreSQL casts them below.
+            params = {
+                "levels": "{" + ",".join(str(level) for level, _ in ids) + "}",
+                "idxs": "{" + ",".join(str(idx) for _, idx in ids) + "}",
+            }
             rows = conn.exec_driver_sql(_PG_READ_NODES, params)
         else:
             leaf_idx = [idx for level, idx in ids if level == 0]
