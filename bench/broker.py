@@ -94,6 +94,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from benchkit import Broken, cpu_model, load, pg_admin, pg_unreachable
 from keybroker.broker import (
     Broker,
     DeliveryEnvelope,
@@ -108,7 +109,6 @@ from keybroker.client.operator import OperatorClient
 from keybroker.client.principal import PrincipalClient
 from keybroker.keys import SECRET_ACCESS, X25519_HPKE, HpkeHandle, Keyset
 from keybroker.pki import PrincipalId, load_certificate
-from keybroker.store.engine import normalise_url
 from keybroker.store.schema import deliveries
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -163,10 +163,6 @@ class Figure:
             f"BENCH broker.{self.metric} value={self.value:.{self.decimals}f} "
             f"unit={self.unit} goal={self.goal_text}"
         )
-
-
-class Broken(Exception):
-    """A cross-check failed: the thing measured does not do what it should."""
 
 
 # ---------------------------------------------------------------------------
@@ -632,26 +628,6 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def pg_admin(pg_url: str) -> sa.Engine:
-    return sa.create_engine(
-        normalise_url(pg_url), isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-
-
-def pg_unreachable(pg_url: str) -> str | None:
-    """None if PostgreSQL answers at ``pg_url``, else why not."""
-    try:
-        engine = pg_admin(pg_url)
-        try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        finally:
-            engine.dispose()
-    except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-    return None
-
-
 @contextmanager
 def pg_schemas(pg_url: str, count: int) -> Iterator[list[str]]:
     """``count`` fresh schemas on ``pg_url`` as database URLs; dropped afterwards."""
@@ -885,21 +861,6 @@ async def run_backend(
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

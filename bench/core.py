@@ -71,11 +71,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from benchkit import Broken, cpu_model, load, pg_admin, pg_unreachable
 from keybroker.keys import AES256_GCM, SECRET_ACCESS, X25519_HPKE, Keyset
 from keybroker.log import merkle
 from keybroker.log.sth import Ed25519TreeHeadSigner
 from keybroker.log.store_log import TransparencyLog
-from keybroker.store.engine import Store, normalise_url, open_store
+from keybroker.store.engine import Store, open_store
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: Length of one alternated slice in the keyset-vs-raw comparisons.
@@ -137,10 +138,6 @@ class Figure:
             f"BENCH core.{self.metric} value={self.value:.{self.decimals}f} "
             f"unit={self.unit} goal={self.goal_text}"
         )
-
-
-class Broken(Exception):
-    """A cross-check failed: the thing measured does not do what it should."""
 
 
 # ---------------------------------------------------------------------------
@@ -384,26 +381,6 @@ def sqlite_backend(tmp: Path) -> Backend:
     return Backend("sqlite", open_store(f"sqlite:///{path}"), cleanup)
 
 
-def pg_admin(pg_url: str) -> sa.Engine:
-    return sa.create_engine(
-        normalise_url(pg_url), isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-
-
-def pg_unreachable(pg_url: str) -> str | None:
-    """None if PostgreSQL answers at ``pg_url``, else why not."""
-    try:
-        engine = pg_admin(pg_url)
-        try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        finally:
-            engine.dispose()
-    except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
-    return None
-
-
 def pg_backend(pg_url: str) -> Backend:
     """A fresh schema on ``pg_url``, dropped again by ``close()``."""
     schema = "kbbench_" + secrets.token_hex(6)
@@ -581,21 +558,6 @@ def size_label(n: int) -> str:
     if n % 1_000 == 0:
         return f"{n // 1_000}k"
     return str(n)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
