@@ -57,7 +57,6 @@ _MAX_P: Final = 4
 _SALT_SIZE: Final = 16
 _MAX_FILE: Final = 16 << 20
 
-_FORMAT_V1: Final = 0x01
 
 IDENTITY_SLOT: Final = "keyring/identity"
 HPKE_SLOT: Final = "keyring/hpke"
@@ -133,44 +132,24 @@ class KekSource:
         if self._derived is not None and self._derived[0] == params:
             return self._derived[1]
         derived = Scrypt(salt=salt, length=32, n=1 << log2_n, r=r, p=p).derive(self._passphrase)
-        kek = _DerivedKek(derived)
+        kek = _derived_kek(derived)
         self._derived = (dict(params), kek)
         return kek
 
 
-class _DerivedKek:
-    """AES-256-GCM (through an ``AeadHandle``) under a key derived from a passphrase.
+#: Key id of the passphrase-derived KEK: the key is derived again on every open, so its
+#: id must not change either, or earlier outputs would name a version that no longer exists.
+_DERIVED_KEK_KEY_ID: Final = 1
 
-    The derived bytes become a one-version keyset at once (audited: SECRET_ACCESS).
-    Importing gives the version a random key id, which differs at every derivation,
-    so the 5-byte key-id prefix of the handle's output (``keybroker.keys.handles``:
-    format byte + key id, outside the GCM tag's coverage, used only to pick the
-    version) is not stored: it is dropped on the way out and this derivation's
-    own put back on the way in. Nonce, ciphertext and tag are the handle's.
-    """
 
-    def __init__(self, key: bytes) -> None:
-        holder = Keyset("keyring-kek", "aead")
-        version = holder.import_secret_material(AES256_GCM, key, SECRET_ACCESS)
-        holder.promote(version.version)
-        self._aead = holder.aead()
-        self._prefix = bytes([_FORMAT_V1]) + version.key_id.to_bytes(4, "big")
-
-    @property
-    def kek_id(self) -> str:
-        return "passphrase"
-
-    def encrypt(self, plaintext: bytes, aad: bytes) -> bytes:
-        sealed = self._aead.encrypt(plaintext, aad)
-        if sealed[: len(self._prefix)] != self._prefix:
-            raise CryptoError()
-        return sealed[len(self._prefix) :]
-
-    def decrypt(self, ciphertext: bytes, aad: bytes) -> bytes:
-        return self._aead.decrypt(self._prefix + ciphertext, aad)
-
-    def __repr__(self) -> str:
-        return "_DerivedKek(passphrase)"
+def _derived_kek(key: bytes) -> KeyEncryptionKey:
+    """AES-256-GCM (an ``AeadHandle``) under the scrypt-derived key (audited: SECRET_ACCESS)."""
+    holder = Keyset("keyring-kek", "aead")
+    version = holder.import_secret_material(
+        AES256_GCM, key, SECRET_ACCESS, key_id=_DERIVED_KEK_KEY_ID
+    )
+    holder.promote(version.version)
+    return holder.aead()
 
 
 def _slot_aad(slot: str) -> bytes:

@@ -15,18 +15,13 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from datetime import datetime
-from typing import Final
 
 import httpx
 from http_message_signatures import HTTPMessageSigner, algorithms
 
 from keybroker.api.signatures import REQUIRED_COMPONENTS, TAG
-from keybroker.errors import ConfigurationError, LocalProtocolError
+from keybroker.errors import ConfigurationError
 from keybroker.keys import ECDSA_P256, ED25519, Keyset
-
-#: ``format byte 0x01 || key id (4 bytes, big-endian)`` before every handle output.
-_PREFIX_SIZE: Final = 5
-_FORMAT_V1: Final = 0x01
 
 
 class RequestSigner:
@@ -44,7 +39,6 @@ class RequestSigner:
             raise ConfigurationError("identity keys are Ed25519 or ECDSA P-256")
         self._principal = principal
         self._handle = identity.signer()
-        self._prefix = bytes([_FORMAT_V1]) + primary.key_id.to_bytes(4, "big")
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -64,10 +58,8 @@ class RequestSigner:
             # With a body, the library adds Content-Digest (RFC 9530, SHA-256) and covers it.
             body=body if body else None,
         )
-        raw = self._handle.sign(prepared.signature_base)
-        if raw[:_PREFIX_SIZE] != self._prefix:
-            raise LocalProtocolError("identity signature does not carry the primary's key id")
-        signature = raw[_PREFIX_SIZE:]
+        # RFC 9421 names the key in ``keyid``: the signature is the algorithm's own bytes.
+        signature = self._handle.sign_unprefixed(prepared.signature_base)
         if self._algorithm is algorithms.ECDSA_P256_SHA256:
             signature = algorithms.ECDSA_P256_SHA256.signature_from_der(signature)
         signer.apply(request, prepared, signature)

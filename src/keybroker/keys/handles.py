@@ -179,6 +179,12 @@ class SignerHandle(KeysetHandle):
         entry = self._producer()
         return entry.prefix + cast(_material.SigningSecret, entry.secret).sign(data)
 
+    def sign_unprefixed(self, data: bytes) -> bytes:
+        """The primary's signature in the algorithm's own format (raw Ed25519, DER ECDSA,
+        RSA), without the key-id prefix: for protocols that name the key themselves
+        (an RFC 9421 ``keyid``, an X.509 issuer). :meth:`verify` does not accept it."""
+        return cast(_material.SigningSecret, self._producer().secret).sign(data)
+
     def verify(self, signature: bytes, data: bytes) -> None:
         """Return ``None`` or raise :class:`CryptoError`."""
         entry = select(self._by_prefix, signature, _MIN_SIGNATURE, self._name)

@@ -379,17 +379,25 @@ class Keyset(NoPickle):
         material: bytes,
         token: SecretAccessToken,
         *,
+        key_id: int | None = None,
         now: datetime | None = None,
     ) -> KeyVersionInfo:
         """Add a ``pending`` version holding existing key material.
 
-        For migrating keys from elsewhere and for known-answer tests.
-        ``material`` is in the template's secret format. Needs
+        For migrating keys from elsewhere, for keys derived again on every use (a
+        passphrase KEK: pass a fixed ``key_id`` so its outputs stay readable) and for
+        known-answer tests. ``material`` is in the template's secret format. Needs
         :data:`~keybroker.keys.access.SECRET_ACCESS`.
         """
         require_secret_access(token)
         tpl = self._template_for_new(template)
-        return self._add_secret(tpl, tpl.kind.load_secret(bytes(material)), check_time(now))
+        secret = tpl.kind.load_secret(bytes(material))
+        return self._add_secret(
+            tpl,
+            secret,
+            check_time(now),
+            key_id=None if key_id is None else check_key_id(key_id),
+        )
 
     # -- proof of possession -----------------------------------------------------
 
@@ -662,11 +670,17 @@ class Keyset(NoPickle):
         return self._versions[max(self._versions)].template
 
     def _add_secret(
-        self, tpl: KeyTemplate, secret: _material.Secret, now: datetime | None
+        self,
+        tpl: KeyTemplate,
+        secret: _material.Secret,
+        now: datetime | None,
+        *,
+        key_id: int | None = None,
     ) -> KeyVersionInfo:
-        key_id = secrets.randbits(32)
-        while key_id in self._by_key_id:
+        if key_id is None:
             key_id = secrets.randbits(32)
+            while key_id in self._by_key_id:
+                key_id = secrets.randbits(32)
         version = max(self._versions, default=0) + 1
         return self._insert(
             VersionEntry(
