@@ -161,87 +161,119 @@ def deliver(
     ttl_: timedelta,
 ) -> DeliveryEnvelope:
     """Seal ``version`` of ``keyset`` to ``principal``, or return the one already on its way."""
-    pid, name, number = principal_id(principal), keyset_name(keyset), version_number(version)
-    lifetime = ttl(ttl_, ctx.policy.max_delivery_ttl)
     now = _to_ms_precision(ctx.now())
     with ctx.store.transaction() as conn:
-        ctx.store.lock(conn, f"delivery/{pid}/{name}/{number}")
-        who = require_row(conn, pid)
-        if who.status != ACTIVE or who.hpke_public_key is None:
-            raise AuthorizationError(f"{pid} is not an enrolled, active principal")
-        what = keyset_id(conn, name)
-        if active_grant(conn, who.id, what, GrantMode.HOLD) is None:
-            raise AuthorizationError(f"{pid} has no hold grant on {name!r}")
-
-        events: list[Event] = []
-        current = conn.execute(
-            _SELECT.where(
-                deliveries.c.principal_id == who.id,
-                deliveries.c.keyset_id == what,
-                deliveries.c.version == number,
-                deliveries.c.state == SENT,
-            )
-        ).one_or_none()
-        if current is not None:
-            if current.expires_at > now:
-                return _envelope(current)
-            events += expire_sent(conn, now, delivery_ids=[current.id])
-
-        stored = ctx.keysets.load(name, conn=conn)
-        state = stored.keyset.version(number).state
-        if state not in CONSUMING_STATES:
-            raise KeysetError(f"version {number} of {name!r} is {state.value}; not delivered")
-        recipient = HpkeKeyBinding(
-            str(pid), who.hpke_template, who.hpke_key_id, bytes(who.hpke_public_key)
-        ).recipient()
-        new_id = ctx.new_id()
-        challenge = ctx.rng(CHALLENGE_SIZE)
-        expires_at = _to_ms_precision(now + lifetime)
-        sealed = stored.keyset.seal_version(
-            number, recipient, info=delivery_info(new_id, str(pid), name, number)
-        )
-        unsigned = DeliveryEnvelope(
-            delivery_id=new_id,
-            recipient=str(pid),
-            keyset=name,
-            version=number,
-            challenge=challenge,
-            expires_at_ms=to_ms(expires_at),
-            sealed=sealed,
-            signature=b"",
-        )
-        envelope = replace(unsigned, signature=ctx.signer.sign(unsigned.signed_bytes()))
-        conn.execute(
-            deliveries.insert().values(
-                id=new_id,
-                principal_id=who.id,
-                keyset_id=what,
-                version=number,
-                state=SENT,
-                sealed=sealed,
-                challenge=challenge,
-                created_at=now,
-                expires_at=expires_at,
-                completed_at=None,
-                failure_reason=None,
-                signature=envelope.signature,
-                ack_proof=None,
-            )
-        )
-        events.append(
-            DeliverySent(
-                at_ms=to_ms(now),
-                delivery_id=new_id,
-                principal=str(pid),
-                keyset=name,
-                version=number,
-                key_id=stored.keyset.version(number).key_id,
-                expires_at_ms=envelope.expires_at_ms,
-                envelope_sha256=hashlib.sha256(envelope.encode()).digest(),
-            )
-        )
+        envelope, events = deliver_in(ctx, conn, keyset, version, principal, ttl_, now)
         record(ctx, conn, events)
     return envelope
+
+
+def deliver_in(  # noqa: PLR0917 - deliver()'s arguments plus the transaction and its time
+    ctx: BrokerContext,
+    conn: Connection,
+    keyset: str,
+    version: int,
+    principal: PrincipalId | str,
+    ttl_: timedelta,
+    now: datetime,
+) -> tuple[DeliveryEnvelope, list[Event]]:
+    """:func:`deliver` inside the caller's transaction; the caller records the events."""
+    pid, name, number = principal_id(principal), keyset_name(keyset), version_number(version)
+    lifetime = ttl(ttl_, ctx.policy.max_delivery_ttl)
+    now = _to_ms_precision(now)
+    ctx.store.lock(conn, f"delivery/{pid}/{name}/{number}")
+    who = require_row(conn, pid)
+    if who.status != ACTIVE or who.hpke_public_key is None:
+        raise AuthorizationError(f"{pid} is not an enrolled, active principal")
+    what = keyset_id(conn, name)
+    if active_grant(conn, who.id, what, GrantMode.HOLD) is None:
+        raise AuthorizationError(f"{pid} has no hold grant on {name!r}")
+
+    events: list[Event] = []
+    current = conn.execute(
+        _SELECT.where(
+            deliveries.c.principal_id == who.id,
+            deliveries.c.keyset_id == what,
+            deliveries.c.version == number,
+            deliveries.c.state == SENT,
+        )
+    ).one_or_none()
+    if current is not None:
+        if current.expires_at > now:
+            return _envelope(current), events
+        events += expire_sent(conn, now, delivery_ids=[current.id])
+
+    stored = ctx.keysets.load(name, conn=conn)
+    state = stored.keyset.version(number).state
+    if state not in CONSUMING_STATES:
+        raise KeysetError(f"version {number} of {name!r} is {state.value}; not delivered")
+    recipient = HpkeKeyBinding(
+        str(pid), who.hpke_template, who.hpke_key_id, bytes(who.hpke_public_key)
+    ).recipient()
+    new_id = ctx.new_id()
+    challenge = ctx.rng(CHALLENGE_SIZE)
+    expires_at = _to_ms_precision(now + lifetime)
+    sealed = stored.keyset.seal_version(
+        number, recipient, info=delivery_info(new_id, str(pid), name, number)
+    )
+    unsigned = DeliveryEnvelope(
+        delivery_id=new_id,
+        recipient=str(pid),
+        keyset=name,
+        version=number,
+        challenge=challenge,
+        expires_at_ms=to_ms(expires_at),
+        sealed=sealed,
+        signature=b"",
+    )
+    envelope = replace(unsigned, signature=ctx.signer.sign(unsigned.signed_bytes()))
+    conn.execute(
+        deliveries.insert().values(
+            id=new_id,
+            principal_id=who.id,
+            keyset_id=what,
+            version=number,
+            state=SENT,
+            sealed=sealed,
+            challenge=challenge,
+            created_at=now,
+            expires_at=expires_at,
+            completed_at=None,
+            failure_reason=None,
+            signature=envelope.signature,
+            ack_proof=None,
+        )
+    )
+    events.append(
+        DeliverySent(
+            at_ms=to_ms(now),
+            delivery_id=new_id,
+            principal=str(pid),
+            keyset=name,
+            version=number,
+            key_id=stored.keyset.version(number).key_id,
+            expires_at_ms=envelope.expires_at_ms,
+            envelope_sha256=hashlib.sha256(envelope.encode()).digest(),
+        )
+    )
+    return envelope, events
+
+
+def expire_in(conn: Connection, now: datetime, delivery: str) -> list[Event]:
+    """Expire one ``sent`` delivery in the caller's transaction (nothing if it is settled)."""
+    return expire_sent(conn, now, delivery_ids=[delivery_id(delivery)])
+
+
+def delivery_states(conn: Connection, ids: list[str]) -> dict[str, tuple[str, datetime]]:
+    """State and deadline of each delivery in ``ids`` (those that exist)."""
+    if not ids:
+        return {}
+    rows = conn.execute(
+        sa.select(deliveries.c.id, deliveries.c.state, deliveries.c.expires_at).where(
+            deliveries.c.id.in_(ids)
+        )
+    )
+    return {row.id: (row.state, row.expires_at) for row in rows}
 
 
 def fetch_deliveries(ctx: BrokerContext, principal: PrincipalId | str) -> list[DeliveryEnvelope]:

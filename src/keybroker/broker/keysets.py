@@ -152,15 +152,26 @@ Step = Callable[[StoredKeyset, datetime], tuple[KeyVersionInfo, list[Event]]]
 
 
 def _change(ctx: BrokerContext, name: str, step: Step) -> KeyVersionInfo:
-    keyset = keyset_name(name)
     now = ctx.now()
     with ctx.store.transaction() as conn:
-        stored = ctx.keysets.load(keyset, conn=conn)
-        info, events = step(stored, now)
-        ctx.keysets.save(stored, conn=conn)
-        events += _retire_deliveries(conn, stored, info, now)
+        info, events = change_in(ctx, conn, name, step, now)
         record(ctx, conn, events)
     return info
+
+
+def change_in(
+    ctx: BrokerContext, conn: Connection, name: str, step: Step, now: datetime
+) -> tuple[KeyVersionInfo, list[Event]]:
+    """Apply ``step`` to a keyset inside the caller's transaction; the caller records events.
+
+    Disabling or destroying a version fails its outstanding deliveries in the same
+    transaction, so no late ack can settle one.
+    """
+    stored = ctx.keysets.load(keyset_name(name), conn=conn)
+    info, events = step(stored, now)
+    ctx.keysets.save(stored, conn=conn)
+    events += _retire_deliveries(conn, stored, info, now)
+    return info, events
 
 
 def _retire_deliveries(
@@ -181,6 +192,11 @@ def rotate_keyset(
     ctx: BrokerContext, name: str, *, template: KeyTemplate | str | None = None
 ) -> KeyVersionInfo:
     """Add a new ``pending`` version (the first step of a rotation)."""
+    return _change(ctx, name, rotate_step(template))
+
+
+def rotate_step(template: KeyTemplate | str | None = None) -> Step:
+    """The step that adds a ``pending`` version (for :func:`change_in`)."""
 
     def step(stored: StoredKeyset, now: datetime) -> tuple[KeyVersionInfo, list[Event]]:
         info = stored.keyset.add(template, now=now)
@@ -193,10 +209,15 @@ def rotate_keyset(
         )
         return info, [event]
 
-    return _change(ctx, name, step)
+    return step
 
 
 def promote_version(ctx: BrokerContext, name: str, version: int) -> KeyVersionInfo:
+    return _change(ctx, name, promote_step(version))
+
+
+def promote_step(version: int) -> Step:
+    """The step that makes ``version`` primary (for :func:`change_in`)."""
     number = version_number(version)
 
     def step(stored: StoredKeyset, now: datetime) -> tuple[KeyVersionInfo, list[Event]]:
@@ -211,7 +232,7 @@ def promote_version(ctx: BrokerContext, name: str, version: int) -> KeyVersionIn
         )
         return info, [event]
 
-    return _change(ctx, name, step)
+    return step
 
 
 def _simple_step(
@@ -238,9 +259,12 @@ def enable_version(ctx: BrokerContext, name: str, version: int) -> KeyVersionInf
 
 
 def disable_version(ctx: BrokerContext, name: str, version: int) -> KeyVersionInfo:
-    return _change(
-        ctx, name, _simple_step(lambda k, v, now: k.disable(v, now=now), KeyDisabled, version)
-    )
+    return _change(ctx, name, disable_step(version))
+
+
+def disable_step(version: int) -> Step:
+    """The step that disables ``version`` (for :func:`change_in`)."""
+    return _simple_step(lambda k, v, now: k.disable(v, now=now), KeyDisabled, version)
 
 
 def destroy_version(ctx: BrokerContext, name: str, version: int) -> KeyVersionInfo:

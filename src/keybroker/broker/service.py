@@ -107,6 +107,11 @@ class Broker:
         return self._ctx.log
 
     @property
+    def context(self) -> BrokerContext:
+        """The broker's internals, for flows that extend it inside its own transactions."""
+        return self._ctx
+
+    @property
     def store(self) -> Store:
         """The database (the HTTP API keeps its admin credentials and nonce cache there)."""
         return self._ctx.store

@@ -265,3 +265,62 @@ request_nonces = Table(
     PrimaryKeyConstraint("principal", "nonce"),
     Index(None, "expires_at"),
 )
+
+# -- S10 staged rotation (0004) --------------------------------------------------------
+
+ROLLOUT_STATES = ("RUNNING", "HALTED", "ABORTED", "COMPLETED")
+LINK_STATES = (
+    "PENDING",
+    "DELIVERED_DOWNSTREAM",
+    "ACKED_DOWNSTREAM",
+    "DELIVERED_UPSTREAM",
+    "ACTIVE",
+    "RETIRED_OLD",
+    "FAILED_KEEP_OLD",
+    "ABORTED_KEEP_OLD",
+)
+
+# One rollout: the policy it runs under (canonical encoding of RolloutPolicy) and the
+# topology it was started with (canonical encoding), so a restarted broker needs nothing else.
+rotation_rollouts = Table(
+    "rotation_rollouts",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("topology", String(32), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("policy", LargeBinary, nullable=False),
+    Column("document", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("reason", String(256), nullable=True),
+    CheckConstraint(_in("state", ROLLOUT_STATES), name="state"),
+    Index(None, "state"),
+)
+
+# One link of one rollout: the durable record of the sans-IO machine in
+# keybroker.flows.rotation.protocol. ``seq`` counts transitions; every update is a
+# compare-and-set on it, so two replicas never apply the same step twice.
+rotation_links = Table(
+    "rotation_links",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("rollout_id", String(36), ForeignKey("rotation_rollouts.id"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("node", String(32), nullable=False),
+    Column("site", String(32), nullable=False),
+    Column("keyset", String(128), nullable=False),
+    Column("state", String(24), nullable=False),
+    Column("old_version", Integer, nullable=False),
+    Column("new_version", Integer, nullable=True),
+    Column("attempt", Integer, nullable=False),
+    Column("delivery_id", String(36), nullable=True),
+    Column("next_at", UTCDateTime, nullable=False),
+    Column("reason", String(256), nullable=True),
+    Column("seq", Integer, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    CheckConstraint(_in("state", LINK_STATES), name="state"),
+    UniqueConstraint("rollout_id", "position"),
+    Index(None, "state", "next_at"),
+    Index(None, "keyset", "state"),
+)

@@ -1,0 +1,1 @@
+"""The flows: protocols built on the broker core (a flow never imports another)."""

@@ -1,0 +1,921 @@
+"""The durable driver of rollouts: the store holds every link's record; this moves them.
+
+Each call to :meth:`Orchestrator.step` finds links that have something to do
+(a deadline, backoff or grace period that is over, or a delivery that was
+acknowledged, refused or expired), and for each one, in **one transaction**:
+reads the record and the delivery (locked), asks
+:func:`~keybroker.flows.rotation.protocol.advance` what to do, performs the
+actions through the broker (add a version, deliver, expire, promote, disable),
+writes the new record with a compare-and-set on its step counter, and appends
+a :class:`~.messages.LinkStepped` entry to the transparency log. A broker killed
+at any point has either done all of that for a step or none of it, so after a
+restart the rollout resumes exactly where it was, with no step repeated or
+skipped; two replicas running ``step`` at once never apply the same step twice
+(PostgreSQL: ``FOR UPDATE SKIP LOCKED``; SQLite: one writer at a time).
+
+Why an ack is never reported as a timeout: the ack handler and this driver both
+decide on the delivery row under its lock, and the deadline is the delivery's
+own ``expires_at``. An ack the broker accepted is ``acked`` here; an ack that
+arrives after the deadline is refused there. No separate timer can disagree.
+
+Links are processed in batches (one transaction per batch, a savepoint per
+link), which is what lets one broker drive ten thousand links in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from keybroker.broker import Broker
+from keybroker.broker._context import BrokerContext, record
+from keybroker.broker.deliveries import deliver_in, expire_in
+from keybroker.broker.events import Event, from_ms, to_ms
+from keybroker.broker.grants import GrantMode
+from keybroker.broker.keysets import change_in, disable_step, promote_step, rotate_step
+from keybroker.errors import (
+    Conflict,
+    KeybrokerError,
+    LocalProtocolError,
+    NotFound,
+    StoreError,
+)
+from keybroker.flows.rotation.messages import LinkStepped, RolloutChanged, RolloutStarted
+from keybroker.flows.rotation.protocol import (
+    ABORTABLE,
+    AWAITING_ACK,
+    DOWNSTREAM,
+    TERMINAL,
+    AddVersion,
+    Deliver,
+    Disable,
+    ExpireDelivery,
+    Input,
+    LinkRecord,
+    LinkState,
+    Promote,
+    RolloutPolicy,
+    Step,
+    advance,
+    uses_old_key,
+)
+from keybroker.flows.rotation.topology import Link, Topology
+from keybroker.keys import AES256_GCM, KeyState
+from keybroker.pki import PrincipalId
+from keybroker.store.schema import (
+    deliveries,
+    key_versions,
+    keysets,
+    rotation_links,
+    rotation_rollouts,
+)
+
+logger = logging.getLogger("keybroker.rotation")
+
+RUNNING: Final = "RUNNING"
+HALTED: Final = "HALTED"
+ABORTED: Final = "ABORTED"
+COMPLETED: Final = "COMPLETED"
+#: Rollouts whose links may still move (an aborted one finishes its ACTIVE links).
+LIVE_ROLLOUTS: Final = (RUNNING, HALTED, ABORTED)
+_TERMINAL_NAMES: Final = tuple(s.value for s in TERMINAL)
+_AWAITING_NAMES: Final = tuple(s.value for s in AWAITING_ACK)
+_SENT: Final = "sent"
+_OUTCOME: Final = {"acked": Input.ACKED, "failed": Input.REFUSED, "expired": Input.EXPIRED}
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    name: str
+    node: str
+    site: str
+    keyset: str
+    state: LinkState
+    old_version: int
+    new_version: int | None
+    attempt: int
+    reason: str | None
+    updated_at: datetime
+
+    @property
+    def version_in_use(self) -> int:
+        """The version both ends transmit under now."""
+        if uses_old_key(self.state) or self.new_version is None:
+            return self.old_version
+        return self.new_version
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    rollout_id: str
+    topology: str
+    state: str
+    policy: RolloutPolicy
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    reason: str | None
+    links: tuple[LinkStatus, ...] = field(default=())
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counted = Counter(link.state.value for link in self.links)
+        return {state.value: counted.get(state.value, 0) for state in LinkState}
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def failed(self) -> tuple[LinkStatus, ...]:
+        return tuple(
+            link
+            for link in self.links
+            if link.state in (LinkState.FAILED_KEEP_OLD, LinkState.ABORTED_KEEP_OLD)
+        )
+
+
+@dataclass
+class StepReport:
+    """What one :meth:`Orchestrator.step` did."""
+
+    steps: int = 0
+    #: Principals something was delivered to (the caller wakes them on the bus).
+    delivered_to: set[PrincipalId] = field(default_factory=set)
+    #: Links whose step the broker refused and that stay as they were until the next try.
+    errors: int = 0
+
+
+@dataclass(frozen=True)
+class SetupReport:
+    keysets_created: int
+    grants_created: int
+    deliveries: int
+
+
+class Orchestrator:
+    """Rollouts over one broker. Stateless between calls: any replica may run it."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        rng: Callable[[int], bytes] = os.urandom,
+        batch_size: int = 200,
+    ) -> None:
+        if not 1 <= batch_size <= 10_000:
+            raise LocalProtocolError("batch_size must be between 1 and 10,000")
+        self._broker = broker
+        self._ctx: BrokerContext = broker.context
+        self._rng = rng
+        self._batch = batch_size
+
+    def __repr__(self) -> str:
+        return f"Orchestrator({self._ctx.store!r})"
+
+    # -- setting links up ----------------------------------------------------------
+
+    def setup(self, topology: Topology, *, delivery_ttl: timedelta) -> SetupReport:
+        """Make every link ready to carry traffic (idempotent).
+
+        Creates the missing link keysets (AES-256-GCM), grants ``hold`` to both
+        ends, and delivers the current primary to each end that has not acknowledged it.
+        Both ends must be enrolled.
+        """
+        broker = self._broker
+        existing = set(broker.context.keysets.names())
+        created = granted = delivered = 0
+        for link in topology.links:
+            if link.keyset not in existing:
+                broker.create_keyset(link.keyset, AES256_GCM)
+                created += 1
+            held = {
+                g.principal
+                for g in broker.list_grants(keyset=link.keyset)
+                if g.mode == GrantMode.HOLD
+            }
+            primary = broker.show_keyset(link.keyset).primary
+            if primary is None:
+                raise Conflict(f"keyset {link.keyset!r} has no primary version")
+            for end in (link.downstream, link.upstream):
+                if end not in held:
+                    broker.grant(end, link.keyset, GrantMode.HOLD)
+                    granted += 1
+                done = broker.list_deliveries(principal=end, keyset=link.keyset, state="acked")
+                if not any(d.version == primary for d in done):
+                    broker.deliver(link.keyset, primary, end, delivery_ttl)
+                    delivered += 1
+        return SetupReport(created, granted, delivered)
+
+    # -- rollouts ------------------------------------------------------------------
+
+    def start(
+        self,
+        topology: Topology,
+        policy: RolloutPolicy | None = None,
+        *,
+        links: Sequence[str] | None = None,
+    ) -> str:
+        """Create a rollout over ``links`` (names ``node/site``; default: all). Returns its id.
+
+        Refused with :class:`Conflict` if a link keyset has no primary or is in
+        another rollout that has not finished with it.
+        """
+        policy = policy or RolloutPolicy()
+        chosen = _select(topology, links)
+        ctx = self._ctx
+        now = ctx.now()
+        rollout_id = ctx.new_id()
+        names = [link.keyset for link in chosen]
+        with ctx.store.transaction() as conn:
+            ctx.store.lock(conn, "rotation/start")
+            primaries = _primaries(conn, names)
+            missing = [n for n in names if n not in primaries]
+            if missing:
+                raise Conflict(
+                    f"{len(missing)} link keyset(s) missing or without a primary, e.g. "
+                    f"{missing[0]!r}; run `keybroker rotation setup` first"
+                )
+            busy = _busy_keysets(conn, names)
+            if busy:
+                raise Conflict(
+                    f"{len(busy)} link(s) are in a rollout that has not finished, e.g. "
+                    f"{sorted(busy)[0]!r}"
+                )
+            conn.execute(
+                rotation_rollouts.insert().values(
+                    id=rollout_id,
+                    topology=topology.name,
+                    state=RUNNING,
+                    policy=policy.encode(),
+                    document=_document(topology, chosen),
+                    created_at=now,
+                    updated_at=now,
+                    finished_at=None,
+                    reason=None,
+                )
+            )
+            rows = [
+                {
+                    "id": ctx.new_id(),
+                    "rollout_id": rollout_id,
+                    "position": i,
+                    "node": link.node,
+                    "site": link.site,
+                    "keyset": link.keyset,
+                    "state": LinkState.PENDING.value,
+                    "old_version": primaries[link.keyset],
+                    "new_version": None,
+                    "attempt": 0,
+                    "delivery_id": None,
+                    "next_at": _PARKED if 0 < policy.max_parallel <= i else now,
+                    "reason": None,
+                    "seq": 0,
+                    "updated_at": now,
+                }
+                for i, link in enumerate(chosen)
+            ]
+            for chunk in _chunks(rows, 1000):
+                conn.execute(rotation_links.insert(), chunk)
+            started = RolloutStarted(
+                at_ms=to_ms(now),
+                rollout_id=rollout_id,
+                topology=topology.name,
+                links=len(chosen),
+                policy_sha256=hashlib.sha256(policy.encode()).digest(),
+            )
+            record(ctx, conn, [started])
+        logger.info("rollout %s started: %d links of %s", rollout_id, len(chosen), topology.name)
+        return rollout_id
+
+    def step(self) -> StepReport:
+        """Move every link that has something to do; returns what was done."""
+        report = StepReport()
+        now = self._ctx.now()
+        self._start_waiting(now)
+        while True:
+            before = report.steps
+            selected = self._step_batch(now, report)
+            if selected < self._batch or report.steps == before:
+                break
+        self._settle_rollouts(now)
+        return report
+
+    def run_until_idle(self, *, max_rounds: int = 10_000) -> StepReport:
+        """Step until nothing is due now (tests and benchmarks; the server loops on a timer)."""
+        total = StepReport()
+        for _ in range(max_rounds):
+            report = self.step()
+            total.steps += report.steps
+            total.errors += report.errors
+            total.delivered_to |= report.delivered_to
+            if report.steps == 0:
+                break
+        return total
+
+    def abort(self, rollout_id: str) -> RolloutStatus:
+        """Stop a rollout: every link not yet ACTIVE keeps its old key (the new one is disabled).
+
+        Links already ACTIVE have moved both directions; they finish retiring
+        their old key. Aborting a finished rollout is refused.
+        """
+        ctx = self._ctx
+        now = ctx.now()
+        with ctx.store.transaction() as conn:
+            rollout = _rollout_row(conn, rollout_id, for_update=True)
+            if rollout.finished_at is not None or rollout.state == ABORTED:
+                raise Conflict(f"rollout {rollout_id} is {rollout.state.lower()}; nothing to abort")
+            events: list[Event] = []
+            rows = conn.execute(
+                rotation_links.select()
+                .where(
+                    rotation_links.c.rollout_id == rollout_id,
+                    rotation_links.c.state.in_([s.value for s in ABORTABLE]),
+                )
+                .order_by(rotation_links.c.position)
+            ).all()
+            for row in rows:
+                step = advance(_record(row), Input.ABORT, to_ms(now), _policy(rollout), self._rng)
+                events += self._apply(conn, rollout_id, row, step, now, StepReport())
+            events.append(self._set_rollout(conn, rollout_id, ABORTED, "aborted by operator", now))
+            record(ctx, conn, events)
+        self._settle_rollouts(now)
+        return self.status(rollout_id)
+
+    def retry(self, rollout_id: str, links: Sequence[str] | None = None) -> RolloutStatus:
+        """Start the failed or aborted links of a rollout again (all, or those named)."""
+        ctx = self._ctx
+        now = ctx.now()
+        with ctx.store.transaction() as conn:
+            rollout = _rollout_row(conn, rollout_id, for_update=True)
+            query = rotation_links.select().where(
+                rotation_links.c.rollout_id == rollout_id,
+                rotation_links.c.state.in_(
+                    [LinkState.FAILED_KEEP_OLD.value, LinkState.ABORTED_KEEP_OLD.value]
+                ),
+            )
+            rows = conn.execute(query.order_by(rotation_links.c.position)).all()
+            if links is not None:
+                wanted = set(links)
+                known = {f"{r.node}/{r.site}" for r in rows}
+                unknown = wanted - known
+                if unknown:
+                    raise NotFound(
+                        f"not failed or aborted in this rollout: {', '.join(sorted(unknown))}"
+                    )
+                rows = [r for r in rows if f"{r.node}/{r.site}" in wanted]
+            if not rows:
+                raise Conflict(f"rollout {rollout_id} has no failed or aborted link to retry")
+            busy = _busy_keysets(conn, [r.keyset for r in rows])
+            if busy:
+                raise Conflict(f"{sorted(busy)[0]!r} is in another rollout that has not finished")
+            policy = _policy(rollout)
+            events: list[Event] = []
+            for row in rows:
+                step = advance(_record(row), Input.RETRY, to_ms(now), policy, self._rng)
+                events += self._apply(conn, rollout_id, row, step, now, StepReport())
+            conn.execute(
+                rotation_rollouts.update()
+                .where(rotation_rollouts.c.id == rollout_id)
+                .values(state=RUNNING, finished_at=None, reason=None, updated_at=now)
+            )
+            events.append(
+                RolloutChanged(
+                    at_ms=to_ms(now),
+                    rollout_id=rollout_id,
+                    state=RUNNING,
+                    reason=f"retry of {len(rows)} link(s)",
+                )
+            )
+            record(ctx, conn, events)
+        return self.status(rollout_id)
+
+    # -- reading -------------------------------------------------------------------
+
+    def status(self, rollout_id: str) -> RolloutStatus:
+        with self._ctx.store.snapshot() as conn:
+            rollout = _rollout_row(conn, rollout_id)
+            rows = conn.execute(
+                rotation_links.select()
+                .where(rotation_links.c.rollout_id == rollout_id)
+                .order_by(rotation_links.c.position)
+            ).all()
+        return _status(rollout, rows)
+
+    def list_rollouts(self) -> list[RolloutStatus]:
+        """Every rollout, newest first, without its links."""
+        with self._ctx.store.snapshot() as conn:
+            rows = conn.execute(
+                rotation_rollouts.select().order_by(
+                    rotation_rollouts.c.created_at.desc(), rotation_rollouts.c.id
+                )
+            ).all()
+        return [_status(row, []) for row in rows]
+
+    # -- the machinery -------------------------------------------------------------
+
+    def _start_waiting(self, now: datetime) -> None:
+        """Release parked links of ``max_parallel`` rollouts while there is room."""
+        ctx = self._ctx
+        with ctx.store.snapshot() as conn:
+            rollouts = conn.execute(
+                rotation_rollouts.select().where(rotation_rollouts.c.state == RUNNING)
+            ).all()
+        for rollout in rollouts:
+            policy = _policy(rollout)
+            if policy.max_parallel == 0:
+                continue
+            with ctx.store.transaction() as conn:
+                ctx.store.lock(conn, f"rotation/{rollout.id}")
+                in_flight = conn.execute(
+                    sa.select(sa.func.count()).where(
+                        rotation_links.c.rollout_id == rollout.id,
+                        rotation_links.c.state.not_in((*_TERMINAL_NAMES, LinkState.ACTIVE.value)),
+                        rotation_links.c.next_at != _PARKED,
+                    )
+                ).scalar_one()
+                room = policy.max_parallel - int(in_flight)
+                if room <= 0:
+                    continue
+                ids = list(
+                    conn.execute(
+                        sa.select(rotation_links.c.id)
+                        .where(
+                            rotation_links.c.rollout_id == rollout.id,
+                            rotation_links.c.state == LinkState.PENDING.value,
+                            rotation_links.c.next_at == _PARKED,
+                        )
+                        .order_by(rotation_links.c.position)
+                        .limit(room)
+                    ).scalars()
+                )
+                if ids:
+                    conn.execute(
+                        rotation_links.update()
+                        .where(rotation_links.c.id.in_(ids))
+                        .values(next_at=now)
+                    )
+
+    def _due_ids(self, conn: Connection, now: datetime) -> list[str]:
+        live = sa.select(rotation_rollouts.c.id).where(rotation_rollouts.c.state.in_(LIVE_ROLLOUTS))
+        query = (
+            sa.select(rotation_links.c.id)
+            .select_from(
+                rotation_links.outerjoin(
+                    deliveries, deliveries.c.id == rotation_links.c.delivery_id
+                )
+            )
+            .where(
+                rotation_links.c.rollout_id.in_(live),
+                rotation_links.c.state.not_in(_TERMINAL_NAMES),
+                sa.or_(
+                    rotation_links.c.next_at <= now,
+                    sa.and_(
+                        rotation_links.c.state.in_(_AWAITING_NAMES),
+                        sa.or_(deliveries.c.state.is_(None), deliveries.c.state != _SENT),
+                    ),
+                ),
+            )
+            .order_by(rotation_links.c.next_at, rotation_links.c.id)
+            .limit(self._batch)
+        )
+        if self._ctx.store.dialect == "postgresql":
+            query = query.with_for_update(of=rotation_links, skip_locked=True)
+        return list(conn.execute(query).scalars())
+
+    def _step_batch(self, now: datetime, report: StepReport) -> int:
+        ctx = self._ctx
+        with ctx.store.transaction() as conn:
+            ids = self._due_ids(conn, now)
+            if not ids:
+                return 0
+            rows = conn.execute(
+                sa.select(
+                    rotation_links,
+                    rotation_rollouts.c.policy,
+                    rotation_rollouts.c.state.label("rollout_state"),
+                )
+                .join(rotation_rollouts, rotation_rollouts.c.id == rotation_links.c.rollout_id)
+                .where(rotation_links.c.id.in_(ids))
+                .order_by(rotation_links.c.next_at, rotation_links.c.id)
+            ).all()
+            outcome = self._observe(conn, [r.delivery_id for r in rows if r.delivery_id])
+            events: list[Event] = []
+            policies: dict[bytes, RolloutPolicy] = {}
+            for row in rows:
+                policy = policies.get(bytes(row.policy))
+                if policy is None:
+                    policy = policies.setdefault(
+                        bytes(row.policy), RolloutPolicy.decode(bytes(row.policy))
+                    )
+                event, reason = _input_for(row, outcome, now)
+                if event is None:
+                    continue
+                if (
+                    row.rollout_state != RUNNING
+                    and row.state == LinkState.PENDING.value
+                    and row.new_version is None
+                ):
+                    continue  # a halted or aborted rollout starts nothing new
+                events += self._step_link(conn, row, event, reason, policy, now, report)
+            record(ctx, conn, events)
+        return len(ids)
+
+    def _observe(
+        self, conn: Connection, ids: list[str]
+    ) -> dict[str, tuple[str, datetime, str | None]]:
+        """Each outstanding delivery's state, locked so an ack in flight is seen or waits."""
+        if not ids:
+            return {}
+        query = sa.select(
+            deliveries.c.id,
+            deliveries.c.state,
+            deliveries.c.expires_at,
+            deliveries.c.failure_reason,
+        ).where(deliveries.c.id.in_(ids))
+        if self._ctx.store.dialect == "postgresql":
+            query = query.with_for_update()
+        return {r.id: (r.state, r.expires_at, r.failure_reason) for r in conn.execute(query)}
+
+    def _step_link(  # noqa: PLR0917 - private; every argument is needed
+        self,
+        conn: Connection,
+        row: Any,
+        event: Input,
+        reason: str | None,
+        policy: RolloutPolicy,
+        now: datetime,
+        report: StepReport,
+    ) -> list[Event]:
+        before = _record(row)
+        step = advance(before, event, to_ms(now), policy, self._rng, reason=reason)
+        try:
+            with conn.begin_nested():
+                return self._apply(conn, row.rollout_id, row, step, now, report)
+        except KeybrokerError as exc:
+            if isinstance(exc, StoreError):
+                raise
+            why = _why(exc)
+            logger.warning("rotation link %s/%s: %s", row.node, row.site, why)
+            try:
+                failed = advance(
+                    before, Input.ACTION_FAILED, to_ms(now), policy, self._rng, reason=why
+                )
+            except LocalProtocolError:
+                report.errors += 1
+                return []
+            try:
+                with conn.begin_nested():
+                    return self._apply(conn, row.rollout_id, row, failed, now, report)
+            except KeybrokerError as again:
+                if isinstance(again, StoreError):
+                    raise
+                logger.error("rotation link %s/%s stuck: %s", row.node, row.site, _why(again))
+                report.errors += 1
+                return []
+
+    def _apply(  # noqa: PLR0917 - private; every argument is needed
+        self,
+        conn: Connection,
+        rollout_id: str,
+        row: Any,
+        step: Step,
+        now: datetime,
+        report: StepReport,
+    ) -> list[Event]:
+        """Perform ``step``'s actions and write its record; the caller records the events."""
+        ctx = self._ctx
+        link = Link(node=row.node, site=row.site, keyset=row.keyset)
+        after = step.after
+        events: list[Event] = []
+        for action in step.actions:
+            if isinstance(action, AddVersion):
+                info, more = change_in(ctx, conn, link.keyset, rotate_step(), now)
+                after = replace(after, new_version=info.version)
+                events += more
+            elif isinstance(action, Deliver):
+                to = link.downstream if action.to == DOWNSTREAM else link.upstream
+                version = action.version or after.new_version
+                if not version:
+                    raise LocalProtocolError("deliver without a version")
+                envelope, more = deliver_in(
+                    ctx,
+                    conn,
+                    link.keyset,
+                    version,
+                    to,
+                    timedelta(milliseconds=action.ttl_ms),
+                    now,
+                )
+                after = replace(after, delivery_id=envelope.delivery_id)
+                report.delivered_to.add(to)
+                events += more
+            elif isinstance(action, ExpireDelivery):
+                events += expire_in(conn, now, action.delivery_id)
+            elif isinstance(action, Promote):
+                _, more = change_in(ctx, conn, link.keyset, promote_step(action.version), now)
+                events += more
+            elif isinstance(action, Disable) and _version_state(
+                conn, link.keyset, action.version
+            ) in (KeyState.PENDING.value, KeyState.ENABLED.value):
+                _, more = change_in(ctx, conn, link.keyset, disable_step(action.version), now)
+                events += more
+        updated = conn.execute(
+            rotation_links.update()
+            .where(rotation_links.c.id == row.id, rotation_links.c.seq == row.seq)
+            .values(
+                state=after.state.value,
+                new_version=after.new_version,
+                attempt=after.attempt,
+                delivery_id=after.delivery_id,
+                next_at=from_ms(after.next_at_ms),
+                reason=_clip(after.reason),
+                seq=row.seq + 1,
+                updated_at=now,
+            )
+        )
+        if updated.rowcount != 1:
+            raise Conflict("the link was changed concurrently")
+        report.steps += 1
+        events.append(
+            LinkStepped(
+                at_ms=to_ms(now),
+                rollout_id=rollout_id,
+                link=link.name,
+                keyset=link.keyset,
+                seq=row.seq + 1,
+                input=step.input.value,
+                from_state=step.before.state.value,
+                to_state=after.state.value,
+                old_version=after.old_version,
+                new_version=after.new_version,
+                attempt=after.attempt,
+                delivery_id=after.delivery_id,
+                reason=_clip(after.reason),
+            )
+        )
+        return events
+
+    def _settle_rollouts(self, now: datetime) -> None:
+        """Halt rollouts past their failure budget; finish those with nothing left to move."""
+        ctx = self._ctx
+        with ctx.store.snapshot() as conn:
+            live = conn.execute(
+                rotation_rollouts.select().where(
+                    rotation_rollouts.c.state.in_(LIVE_ROLLOUTS),
+                    rotation_rollouts.c.finished_at.is_(None),
+                )
+            ).all()
+        for rollout in live:
+            with ctx.store.transaction() as conn:
+                ctx.store.lock(conn, f"rotation/{rollout.id}")
+                current = _rollout_row(conn, rollout.id, for_update=True)
+                if current.finished_at is not None:
+                    continue
+                counts = _state_counts(conn, rollout.id)
+                total = sum(counts.values())
+                failed = counts.get(LinkState.FAILED_KEEP_OLD.value, 0)
+                policy = _policy(current)
+                events: list[Event] = []
+                if (
+                    current.state == RUNNING
+                    and total
+                    and failed * 100 > policy.max_failed_percent * total
+                ):
+                    why = (
+                        f"halted: {failed} of {total} links failed "
+                        f"(budget {policy.max_failed_percent}%)"
+                    )
+                    events += self._halt(conn, current, why, now)
+                    counts = _state_counts(conn, rollout.id)
+                unfinished = sum(n for s, n in counts.items() if s not in _TERMINAL_NAMES)
+                if unfinished == 0:
+                    state = COMPLETED if current.state == RUNNING else current.state
+                    failed_now = counts.get(LinkState.FAILED_KEEP_OLD.value, 0)
+                    reason = current.reason or (
+                        f"{failed_now} link(s) kept their old key" if failed_now else None
+                    )
+                    conn.execute(
+                        rotation_rollouts.update()
+                        .where(rotation_rollouts.c.id == rollout.id)
+                        .values(state=state, finished_at=now, updated_at=now, reason=reason)
+                    )
+                    events.append(
+                        RolloutChanged(
+                            at_ms=to_ms(now),
+                            rollout_id=rollout.id,
+                            state=state,
+                            reason=_clip(reason),
+                        )
+                    )
+                record(ctx, conn, events)
+
+    def _halt(self, conn: Connection, rollout: Any, why: str, now: datetime) -> list[Event]:
+        """Stop starting links: every link not yet started is aborted and keeps its old key."""
+        events: list[Event] = [self._set_rollout(conn, rollout.id, HALTED, why, now)]
+        rows = conn.execute(
+            rotation_links.select().where(
+                rotation_links.c.rollout_id == rollout.id,
+                rotation_links.c.state == LinkState.PENDING.value,
+                rotation_links.c.new_version.is_(None),
+            )
+        ).all()
+        policy = _policy(rollout)
+        for row in rows:
+            step = advance(_record(row), Input.ABORT, to_ms(now), policy, self._rng, reason=why)
+            events += self._apply(conn, rollout.id, row, step, now, StepReport())
+        return events
+
+    def _set_rollout(
+        self, conn: Connection, rollout_id: str, state: str, reason: str, now: datetime
+    ) -> Event:
+        conn.execute(
+            rotation_rollouts.update()
+            .where(rotation_rollouts.c.id == rollout_id)
+            .values(state=state, reason=_clip(reason), updated_at=now)
+        )
+        return RolloutChanged(
+            at_ms=to_ms(now), rollout_id=rollout_id, state=state, reason=_clip(reason)
+        )
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+#: next_at of links a max_parallel rollout has not released yet (far in the future).
+_PARKED: Final = from_ms(253_402_214_400_000)  # 9999-12-31
+
+
+def _select(topology: Topology, names: Sequence[str] | None) -> list[Link]:
+    if names is None:
+        return list(topology.links)
+    chosen = [topology.link(name) for name in names]
+    if not chosen:
+        raise LocalProtocolError("a rollout needs at least one link")
+    if len({link.name for link in chosen}) != len(chosen):
+        raise LocalProtocolError("a link is named twice")
+    return chosen
+
+
+def _document(topology: Topology, chosen: Iterable[Link]) -> bytes:
+    from keybroker.encoding import encode
+
+    doc = topology.to_mapping()
+    doc["links"] = [{"node": k.node, "site": k.site, "keyset": k.keyset} for k in chosen]
+    return encode("keybroker/rotation/topology/v1", doc)
+
+
+def _chunks(rows: list[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
+    for i in range(0, len(rows), size):
+        yield rows[i : i + size]
+
+
+def _primaries(conn: Connection, names: list[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for chunk in range(0, len(names), 900):
+        part = names[chunk : chunk + 900]
+        rows = conn.execute(
+            sa.select(keysets.c.name, key_versions.c.version)
+            .join(key_versions, key_versions.c.keyset_id == keysets.c.id)
+            .where(keysets.c.name.in_(part), key_versions.c.state == KeyState.PRIMARY.value)
+        )
+        found.update({r.name: r.version for r in rows})
+    return found
+
+
+def _busy_keysets(conn: Connection, names: list[str]) -> set[str]:
+    live = sa.select(rotation_rollouts.c.id).where(rotation_rollouts.c.state.in_(LIVE_ROLLOUTS))
+    busy: set[str] = set()
+    for chunk in range(0, len(names), 900):
+        part = names[chunk : chunk + 900]
+        busy.update(
+            conn.execute(
+                sa.select(rotation_links.c.keyset).where(
+                    rotation_links.c.keyset.in_(part),
+                    rotation_links.c.state.not_in(_TERMINAL_NAMES),
+                    rotation_links.c.rollout_id.in_(live),
+                )
+            ).scalars()
+        )
+    return busy
+
+
+def _version_state(conn: Connection, keyset: str, version: int) -> str | None:
+    return conn.execute(
+        sa.select(key_versions.c.state)
+        .join(keysets, keysets.c.id == key_versions.c.keyset_id)
+        .where(keysets.c.name == keyset, key_versions.c.version == version)
+    ).scalar_one_or_none()
+
+
+def _state_counts(conn: Connection, rollout_id: str) -> dict[str, int]:
+    rows = conn.execute(
+        sa.select(rotation_links.c.state, sa.func.count())
+        .where(rotation_links.c.rollout_id == rollout_id)
+        .group_by(rotation_links.c.state)
+    )
+    return {state: int(n) for state, n in rows}
+
+
+def _rollout_row(conn: Connection, rollout_id: str, *, for_update: bool = False) -> Any:
+    if not isinstance(rollout_id, str) or not 0 < len(rollout_id) <= 36:
+        raise NotFound("no such rollout")
+    query = rotation_rollouts.select().where(rotation_rollouts.c.id == rollout_id)
+    if for_update:
+        query = query.with_for_update()
+    row = conn.execute(query).one_or_none()
+    if row is None:
+        raise NotFound("no such rollout")
+    return row
+
+
+def _policy(rollout: Any) -> RolloutPolicy:
+    return RolloutPolicy.decode(bytes(rollout.policy))
+
+
+def _record(row: Any) -> LinkRecord:
+    return LinkRecord(
+        state=LinkState(row.state),
+        old_version=row.old_version,
+        new_version=row.new_version,
+        attempt=row.attempt,
+        delivery_id=row.delivery_id,
+        next_at_ms=to_ms(row.next_at),
+        reason=row.reason,
+    )
+
+
+def _input_for(
+    row: Any, outcome: dict[str, tuple[str, datetime, str | None]], now: datetime
+) -> tuple[Input | None, str | None]:
+    state = LinkState(row.state)
+    if state in AWAITING_ACK:
+        seen = outcome.get(row.delivery_id) if row.delivery_id else None
+        if seen is None:
+            return Input.REFUSED, "the delivery is gone"
+        delivery_state, expires_at, failure = seen
+        if delivery_state == _SENT:
+            return (Input.DUE, None) if expires_at <= now else (None, None)
+        event = _OUTCOME.get(delivery_state)
+        if event is None:
+            return Input.REFUSED, f"delivery {delivery_state}"
+        return event, failure
+    if row.next_at <= now and state not in TERMINAL:
+        return Input.DUE, None
+    return None, None
+
+
+def _status(rollout: Any, rows: Sequence[Any]) -> RolloutStatus:
+    return RolloutStatus(
+        rollout_id=rollout.id,
+        topology=rollout.topology,
+        state=rollout.state,
+        policy=_policy(rollout),
+        created_at=rollout.created_at,
+        updated_at=rollout.updated_at,
+        finished_at=rollout.finished_at,
+        reason=rollout.reason,
+        links=tuple(
+            LinkStatus(
+                name=f"{r.node}/{r.site}",
+                node=r.node,
+                site=r.site,
+                keyset=r.keyset,
+                state=LinkState(r.state),
+                old_version=r.old_version,
+                new_version=r.new_version,
+                attempt=r.attempt,
+                reason=r.reason,
+                updated_at=r.updated_at,
+            )
+            for r in rows
+        ),
+    )
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return _clip(f"{type(exc).__name__}: {text}") or type(exc).__name__
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= 256 else text[:253] + "..."
+
+
+__all__ = [
+    "LinkStatus",
+    "Orchestrator",
+    "RolloutStatus",
+    "SetupReport",
+    "StepReport",
+]
