@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 KB = [sys.executable, "-m", "keybroker.cli.main"]
 PASSPHRASE = "correct-horse-battery-staple"
@@ -69,3 +74,69 @@ class Env:
                 time.sleep(0.2)
         proc.kill()
         raise AssertionError("keybroker serve did not come up")
+
+
+class Procs:
+    """Long-running processes of one test, their stderr kept in files, all ended at teardown."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.env.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(
+            [*KB, *args], cwd=self.env.workdir, env=self.env.env, stdout=log, stderr=log
+        )
+        log.close()
+        self.running[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.env.workdir / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def terminate(self, name: str, timeout: float = 20) -> int:
+        proc = self.running.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"{name} ignored SIGTERM:\n{self.log(name)}") from None
+
+    def kill(self, name: str) -> None:
+        proc = self.running.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def close(self) -> None:
+        for proc in self.running.values():
+            proc.kill()
+        for proc in self.running.values():
+            proc.wait(timeout=10)
+
+
+def read(path: Path) -> dict[str, Any]:
+    try:
+        document: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return document
+
+
+async def until(check: Callable[[], Any], what: str, procs: Procs, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        for name, proc in procs.running.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited while waiting for {what}:\n{procs.log(name)}")
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {n}\n{procs.log(n)}" for n in procs.running)
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        await asyncio.sleep(0.1)

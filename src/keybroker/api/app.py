@@ -14,14 +14,25 @@ from prometheus_client import CollectorRegistry
 
 from keybroker import __version__
 from keybroker.api.auth import ApiContext
-from keybroker.api.middleware import BodyLimit, DeliveryStates, Metrics
+from keybroker.api.middleware import DeliveryStates, Metrics
 from keybroker.api.problems import (
     PROBLEM_MEDIA_TYPE,
     Problem,
     ValidationProblem,
     install_handlers,
 )
-from keybroker.api.routes import deliveries, enrolment, grants, keysets, log, principals, system
+from keybroker.api.rotation_loop import RotationLoop
+from keybroker.api.routes import (
+    deliveries,
+    enrolment,
+    grants,
+    holdings,
+    keysets,
+    log,
+    principals,
+    rotation,
+    system,
+)
 from keybroker.api.settings import ApiSettings
 from keybroker.api.signatures import NonceCache
 from keybroker.broker import Broker
@@ -57,9 +68,14 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
             from keybroker.api.wakeups import BusWakeups
 
             ctx.wakeups = await BusWakeups.start(settings.bus_url, settings.wake_topic, ctx.waker)
+        if settings.rotation_interval > 0:
+            app.state.rotation_loop = RotationLoop(ctx, settings.rotation_interval).start()
         try:
             yield
         finally:
+            if app.state.rotation_loop is not None:
+                await app.state.rotation_loop.close()
+                app.state.rotation_loop = None
             if ctx.wakeups is not None:
                 await ctx.wakeups.close()
                 ctx.wakeups = None
@@ -73,7 +89,12 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
         generate_unique_id_function=_operation_id,
         middleware=[
             Middleware(Metrics, registry=registry),
-            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+            Middleware(
+                rotation.TopologyBodyLimit,
+                store=broker.store,
+                max_bytes=settings.max_body_bytes,
+                max_topology_bytes=settings.max_topology_bytes,
+            ),
         ],
     )
     app.state.keybroker = ApiContext(
@@ -82,8 +103,10 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
         nonces=NonceCache(broker.store, settings.signature_max_skew),
     )
     app.state.metrics = registry
+    app.state.rotation_loop = None
     install_handlers(app)
-    for module in (system, enrolment, principals, keysets, grants, deliveries, log):
+    routers = (system, enrolment, principals, keysets, grants, deliveries, holdings, log, rotation)
+    for module in routers:
         app.include_router(module.router)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app

@@ -324,6 +324,29 @@ class AckIn(Request):
     proof: Proof
 
 
+# -- holdings -----------------------------------------------------------------------------
+
+
+class HeldVersionOut(Response):
+    version: int
+    key_id: int
+    #: pending, primary, enabled, disabled or destroyed (``keybroker.keys.KeyState``).
+    state: str
+
+
+class HoldingOut(Response):
+    """A keyset the caller holds: public facts only, never key material."""
+
+    name: str
+    purpose: str
+    primary: int | None
+    versions: list[HeldVersionOut]
+
+
+class Holdings(Response):
+    holdings: list[HoldingOut]
+
+
 # -- log ----------------------------------------------------------------------------------
 
 

@@ -9,6 +9,9 @@ from typing import Final
 
 #: Request bodies above this are refused (413) before the application reads them.
 DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024
+#: The larger limit of the rotation routes, whose bodies carry a whole topology
+#: (100,000 links at ~100 bytes each).
+DEFAULT_MAX_TOPOLOGY_BYTES: Final = 16 * 1024 * 1024
 
 
 def utc_now() -> datetime:
@@ -32,6 +35,12 @@ class ApiSettings:
       the request.
     * ``bus_url`` / ``wake_topic`` — with a bus, a delivery made on one replica
       wakes the long-polls of every replica at once (see ``api/wakeups.py``).
+    * ``max_topology_bytes`` — largest body of the ``/v1/rotations`` routes, which
+      carry a topology document (413 above).
+    * ``rotation_interval`` — seconds between two steps of the rollout driver
+      this process runs in the background (``api/rotation_loop.py``); every
+      replica may run it. ``0`` disables it: then some other process must step
+      rollouts, or none moves.
     * ``clock`` — the time used for signature freshness, certificate validity
       and the nonce cache; the broker's clock in tests.
     """
@@ -46,3 +55,5 @@ class ApiSettings:
     #: ``nats://…`` / ``mqtt://…``: wake long-polls on every replica through this bus.
     bus_url: str | None = None
     wake_topic: str = "kb.wake"
+    max_topology_bytes: int = DEFAULT_MAX_TOPOLOGY_BYTES
+    rotation_interval: float = 1.0

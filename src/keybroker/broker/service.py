@@ -22,6 +22,7 @@ from keybroker.broker._context import BrokerContext, Clock, EnvelopeSigner, Poli
 from keybroker.broker.deliveries import DeliveryInfo
 from keybroker.broker.enrolment import EnrolmentResult, EnrolmentToken
 from keybroker.broker.grants import GrantInfo, GrantMode
+from keybroker.broker.holdings import Holding, holdings
 from keybroker.broker.home import CA_KEYSET, Home
 from keybroker.broker.keysets import KeysetSummary
 from keybroker.broker.messages import DeliveryEnvelope
@@ -207,6 +208,10 @@ class Broker:
         return grants.list_grants(
             self._ctx, principal=principal, keyset=keyset, include_revoked=include_revoked
         )
+
+    def holdings(self, principal: PrincipalId | str) -> list[Holding]:
+        """The keysets ``principal`` holds, with their versions' states (no key material)."""
+        return holdings(self._ctx, principal)
 
     # -- deliveries ----------------------------------------------------------------
 

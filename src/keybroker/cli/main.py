@@ -13,6 +13,8 @@ from rich.console import Console
 from keybroker import __version__
 from keybroker.cli import operator
 from keybroker.errors import KeybrokerError
+from keybroker.flows.rotation.agent_cli import agent_command
+from keybroker.flows.rotation.cli import rotation_app
 from keybroker.store.engine import default_home
 
 app = typer.Typer(
@@ -88,6 +90,13 @@ def serve(
     poll_interval: Annotated[
         float, typer.Option(help="seconds between database looks of a waiting long-poll")
     ] = 1.0,
+    rotation_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="seconds between steps of the rollout driver in this process (0: off)",
+        ),
+    ] = 1.0,
 ) -> None:
     """Serve the HTTPS API (server certificate issued by the broker CA at start)."""
     from keybroker.cli.serve import serve as run_server
@@ -101,6 +110,7 @@ def serve(
         bus_url=bus,
         wake_topic=wake_topic,
         poll_interval=poll_interval,
+        rotation_interval=rotation_interval,
     )
 
 
@@ -194,6 +204,8 @@ app.add_typer(operator.keyset_app, name="keyset")
 app.add_typer(operator.grant_app, name="grant")
 app.add_typer(operator.delivery_app, name="delivery")
 app.add_typer(operator.log_app, name="log")
+app.command("agent")(agent_command)
+app.add_typer(rotation_app, name="rotation")
 
 
 def main() -> None:

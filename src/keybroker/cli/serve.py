@@ -90,8 +90,13 @@ def serve(
     bus_url: str | None = None,
     wake_topic: str = "kb.wake",
     poll_interval: float = 1.0,
+    rotation_interval: float = 1.0,
 ) -> None:
-    """Run the API over HTTPS until interrupted (SIGINT/SIGTERM stop it gracefully)."""
+    """Run the API over HTTPS until interrupted (SIGINT/SIGTERM stop it gracefully).
+
+    ``rotation_interval``: seconds between steps of the rollout driver this process
+    runs (``0``: none; every replica may run one).
+    """
     import uvicorn
 
     from keybroker.api.app import create_app
@@ -106,6 +111,7 @@ def serve(
             bus_url=bus_url,
             wake_topic=wake_topic,
             poll_interval_seconds=poll_interval,
+            rotation_interval=rotation_interval,
         )
         app = create_app(broker, settings)
         with server_tls_files(opened.ca, [host, *names], opened.clock()) as tls:

@@ -38,7 +38,17 @@ from keybroker.errors import (
     DecodeError,
     KeysetError,
 )
-from keybroker.keys import AES256_GCM, SECRET_ACCESS, KeyEncryptionKey, Keyset, KeyVersionInfo
+from keybroker.keys import (
+    AES256_GCM,
+    SECRET_ACCESS,
+    AeadHandle,
+    KeyEncryptionKey,
+    Keyset,
+    KeyState,
+    KeyVersionInfo,
+    Purpose,
+    WrappedVersion,
+)
 from keybroker.pki import PrincipalId
 
 FILE_LABEL: Final = message_label("keybroker/client/keyring", 1)
@@ -152,6 +162,15 @@ def _derived_kek(key: bytes) -> KeyEncryptionKey:
     return holder.aead()
 
 
+def _scratch_kek() -> AeadHandle:
+    """A KEK that lives for one call: copies of keysets pass through it, never to disk."""
+    return Keyset.generate("keyring-scratch", AES256_GCM).aead()
+
+
+def _rebuilt(held: Keyset, rows: list[WrappedVersion], kek: AeadHandle) -> Keyset:
+    return Keyset.from_wrapped(held.name, held.purpose, rows, kek)
+
+
 def _slot_aad(slot: str) -> bytes:
     return encode(AAD_LABEL, {"slot": slot})
 
@@ -174,6 +193,65 @@ class Keyring:
 
     def received_versions(self) -> dict[str, tuple[KeyVersionInfo, ...]]:
         return {name: ks.versions for name, ks in sorted(self.received.items())}
+
+    # -- retiring and using received keys --------------------------------------------
+
+    def forget_version(self, keyset: str, version: int) -> bool:
+        """Drop ``version`` of a received keyset, material and all; ``False`` if not held.
+
+        For versions the broker disabled or destroyed. The version is removed rather
+        than destroyed in place, so should the broker enable it again and deliver it
+        anew, it installs like any other. A keyset left with no version is dropped.
+        Changes this object only: save the keyring to make it last.
+        """
+        held = self.received.get(keyset)
+        if held is None or version not in {v.version for v in held.versions}:
+            return False
+        # Rebuilt through the keys module's own at-rest format under a throwaway KEK, so
+        # no key bytes are handled here.
+        kek = _scratch_kek()
+        kept = [row for row in held.wrapped_versions(kek) if row.version != version]
+        if kept:
+            self.received[keyset] = _rebuilt(held, kept, kek)
+        else:
+            del self.received[keyset]
+        return True
+
+    def promote_version(self, keyset: str, version: int) -> bool:
+        """Make ``version`` of a received keyset its primary here; ``False`` if it already is.
+
+        For agents mirroring the broker: the version the broker promoted is the one
+        this principal transmits under. :class:`KeysetError` if it is not held.
+        Changes this object only: save the keyring to make it last.
+        """
+        held = self.received.get(keyset)
+        if held is None:
+            raise KeysetError(f"no keyset {keyset!r} has been received")
+        current = held.primary
+        if current is not None and current.version == version:
+            return False
+        held.promote(version)
+        return True
+
+    def data_aead(self, keyset: str, *, encrypt_version: int | None = None) -> AeadHandle:
+        """An AEAD for a data plane over a private copy of a received ``aead`` keyset.
+
+        It decrypts with any installed version (pending, primary or enabled) chosen by
+        the ciphertext's key-id prefix, and, given ``encrypt_version``, encrypts under
+        that version (made primary in the copy only; the keyring does not change).
+        Without ``encrypt_version`` it encrypts only if the keyset has a primary here.
+        :class:`KeysetError` if the keyset or version is not held or cannot be used.
+        """
+        held = self.received.get(keyset)
+        if held is None:
+            raise KeysetError(f"no keyset {keyset!r} has been received")
+        if held.purpose is not Purpose.AEAD:
+            raise KeysetError(f"keyset {keyset!r} is for {held.purpose.value}, not aead")
+        kek = _scratch_kek()
+        copy = _rebuilt(held, held.wrapped_versions(kek), kek)
+        if encrypt_version is not None and copy.version(encrypt_version).state != KeyState.PRIMARY:
+            copy.promote(encrypt_version)
+        return copy.aead()
 
     # -- at rest ----------------------------------------------------------------------
 

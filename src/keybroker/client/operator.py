@@ -1,4 +1,4 @@
-"""The operator's SDK: tokens, principals, keysets, grants, deliveries and the log.
+"""The operator's SDK: tokens, principals, keysets, grants, deliveries, rotations and the log.
 
 Every call sends ``Authorization: Bearer <admin token>`` over TLS pinned to
 the broker CA and returns the API's response model
@@ -8,6 +8,7 @@ the broker CA and returns the API's response model
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
@@ -15,6 +16,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
+from keybroker.api import rotation_schemas as rotation
 from keybroker.api import schemas
 from keybroker.client._http import DEFAULT_TIMEOUT, Connection
 from keybroker.client.logcheck import LogClient
@@ -35,6 +37,10 @@ def _seconds(ttl: timedelta | int) -> int:
 
 def keyset_path(name: str) -> str:
     return "/v1/keysets/" + quote(name, safe=_KEYSET_SAFE)
+
+
+def _rollout_path(rollout_id: str) -> str:
+    return "/v1/rotations/" + quote(rollout_id, safe="")
 
 
 class OperatorClient:
@@ -206,6 +212,75 @@ class OperatorClient:
     async def show_delivery(self, delivery_id: str) -> schemas.DeliveryOut:
         return await self._call(
             schemas.DeliveryOut, "GET", f"/v1/deliveries/{quote(delivery_id, safe='')}"
+        )
+
+    # -- rotations (S10) ---------------------------------------------------------------
+    # ``topology`` is the document ``Topology.to_mapping()`` makes (the TOML file as JSON).
+
+    async def setup_rotation(
+        self, topology: Mapping[str, Any], delivery_ttl: timedelta | int = timedelta(hours=1)
+    ) -> rotation.SetupOut:
+        body = rotation.RotationSetup(
+            topology=dict(topology), delivery_ttl_seconds=_seconds(delivery_ttl)
+        )
+        return await self._call(rotation.SetupOut, "POST", "/v1/rotations/setup", body=body)
+
+    async def start_rollout(
+        self,
+        topology: Mapping[str, Any],
+        *,
+        links: Iterable[str] | None = None,
+        policy: rotation.RolloutPolicyIn | None = None,
+    ) -> rotation.RolloutOut:
+        body = rotation.RolloutCreate(
+            topology=dict(topology),
+            links=None if links is None else list(links),
+            policy=policy or rotation.RolloutPolicyIn(),
+        )
+        return await self._call(rotation.RolloutOut, "POST", "/v1/rotations", body=body)
+
+    async def list_rollouts(self) -> list[rotation.RolloutSummary]:
+        return (await self._call(rotation.RolloutList, "GET", "/v1/rotations")).rollouts
+
+    async def show_rollout(
+        self,
+        rollout_id: str,
+        *,
+        states: Iterable[str] | None = None,
+        limit: int = rotation.DEFAULT_PAGE,
+        offset: int = 0,
+    ) -> rotation.RolloutOut:
+        """A rollout with one page of its links (``limit=0``: counts only)."""
+        params = {"state": list(states or ()) or None, "limit": limit, "offset": offset}
+        return await self._call(
+            rotation.RolloutOut, "GET", _rollout_path(rollout_id), params=params
+        )
+
+    async def rollout_with_links(
+        self, rollout_id: str, *, states: Iterable[str] | None = None
+    ) -> rotation.RolloutOut:
+        """A rollout with every link (that is in ``states``), fetched page by page."""
+        wanted = list(states or ())
+        first = await self.show_rollout(rollout_id, states=wanted, limit=rotation.MAX_PAGE)
+        links = list(first.links)
+        while len(links) < first.matched:
+            page = await self.show_rollout(
+                rollout_id, states=wanted, limit=rotation.MAX_PAGE, offset=len(links)
+            )
+            if not page.links:
+                break  # the rollout changed under us; what was read is returned
+            links += page.links
+        return first.model_copy(update={"links": links})
+
+    async def abort_rollout(self, rollout_id: str) -> rotation.RolloutOut:
+        return await self._call(rotation.RolloutOut, "POST", _rollout_path(rollout_id) + "/abort")
+
+    async def retry_rollout(
+        self, rollout_id: str, *, links: Iterable[str] | None = None
+    ) -> rotation.RolloutOut:
+        body = rotation.RolloutRetry(links=None if links is None else list(links))
+        return await self._call(
+            rotation.RolloutOut, "POST", _rollout_path(rollout_id) + "/retry", body=body
         )
 
     # -- the log -----------------------------------------------------------------------

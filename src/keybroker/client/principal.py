@@ -16,6 +16,7 @@ recorded is never for a key the principal lost in a crash.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,7 +42,7 @@ from keybroker.client._http import DEFAULT_TIMEOUT, Connection
 from keybroker.client.keyring import KekSource, Keyring
 from keybroker.client.logcheck import LogClient
 from keybroker.client.signing import RequestSigner
-from keybroker.errors import ConfigurationError, IdentityMismatch, KeysetError
+from keybroker.errors import ConfigurationError, IdentityMismatch, KeybrokerError, KeysetError
 from keybroker.keys import (
     ECDSA_P256,
     ED25519,
@@ -319,6 +320,44 @@ class PrincipalClient:
             self.open_delivery(delivery)
             acked.append(await self.ack(delivery))
         return acked
+
+    # -- what the broker says we hold -----------------------------------------------------
+
+    async def holdings(self) -> list[schemas.HoldingOut]:
+        """The keysets we hold a grant on, with each version's state as the broker sees it."""
+        found = await self._conn.call(schemas.Holdings, "GET", "/v1/holdings", hook=self._sign)
+        return found.holdings
+
+    def forget_version(self, keyset: str, version: int) -> bool:
+        """Drop one received version from the keyring and save it (atomically).
+
+        For versions the broker disabled or destroyed. Returns ``False`` if we did not
+        hold it. If the save fails the keyring is read back from disk, so what this
+        object holds stays what the file holds.
+        """
+        if not self._keyring.forget_version(keyset, version):
+            return False
+        self._save_or_reload()
+        return True
+
+    def promote_version(self, keyset: str, version: int) -> bool:
+        """Make a received version the local primary (what we transmit under) and save.
+
+        For the version the broker promoted. ``False`` if it already was; the same
+        save-or-reload rule as :meth:`forget_version`.
+        """
+        if not self._keyring.promote_version(keyset, version):
+            return False
+        self._save_or_reload()
+        return True
+
+    def _save_or_reload(self) -> None:
+        try:
+            self._keyring.save(self._path, self._source)
+        except BaseException:
+            with contextlib.suppress(KeybrokerError, OSError):
+                self._keyring = Keyring.load(self._path, self._source)
+            raise
 
     # -- what we hold --------------------------------------------------------------------
 
