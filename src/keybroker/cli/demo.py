@@ -41,6 +41,7 @@ from keybroker.errors import (
     KeysetError,
     RootKeyError,
 )
+from keybroker.flows.rotation.demo import stage_rotation
 from keybroker.keys import AES256_GCM, ED25519, SECRET_ACCESS, X25519_HPKE, Keyset
 from keybroker.log import merkle
 from keybroker.pki import PrincipalId, Revocation, verify_principal_certificate
@@ -60,6 +61,8 @@ class DemoState:
     ciphertexts: list[bytes] = field(default_factory=list)
     secrets: list[bytes] = field(default_factory=list)
     log_indices: list[int] = field(default_factory=list)
+    #: The demo's console, for a stage's own progress nested under the demo's.
+    console: Console | None = None
 
     @property
     def opened(self) -> Home:
@@ -218,7 +221,7 @@ def stage_serve(s: DemoState) -> str:
     port = _free_port()
     s.server = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
         [sys.executable, "-m", "keybroker.cli.main", "serve", "--port", str(port),
-         "--log-level", "warning", "--home", str(home_dir)],
+         "--log-level", "warning", "--home", str(home_dir), "--rotation-interval", "0.2"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -330,13 +333,14 @@ STAGES: list[tuple[str, Callable[[DemoState], str]]] = [
     ("enrolment", stage_enrol),
     ("delivery and ack", stage_deliver),
     ("log over the API", stage_log_api),
+    ("staged rotation", stage_rotation),
 ]
 
 
 def run_demo(*, keep: bool = False, console: Console | None = None) -> bool:
     console = console or Console()
     workdir = Path(tempfile.mkdtemp(prefix="keybroker-demo-"))
-    state = DemoState(workdir)
+    state = DemoState(workdir, console=console)
     results: list[tuple[str, bool, str, float]] = []
     try:
         with Progress(
