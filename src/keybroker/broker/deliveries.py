@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -50,6 +52,7 @@ from keybroker.broker._delivery_rows import SENT, expire_sent, fail_sent
 from keybroker.broker.events import (
     DeliveryAcknowledged,
     DeliveryExpired,
+    DeliveryFailed,
     DeliverySent,
     Event,
     to_ms,
@@ -69,13 +72,15 @@ from keybroker.errors import (
     Conflict,
     CryptoError,
     DecodeError,
+    KeybrokerError,
     KeysetError,
     LocalProtocolError,
     NotFound,
 )
-from keybroker.keys import CONSUMING_STATES
+from keybroker.keys import CONSUMING_STATES, Keyset
 from keybroker.pki import PrincipalId, PrincipalKind
-from keybroker.store.schema import deliveries, keysets, principals
+from keybroker.store.keysets import StoredKeyset
+from keybroker.store.schema import deliveries, grants, keysets, principals
 
 ACKED: Final = "acked"
 FAILED: Final = "failed"
@@ -188,27 +193,152 @@ def deliver_in(  # noqa: PLR0917 - deliver()'s arguments plus the transaction an
     what = keyset_id(conn, name)
     if active_grant(conn, who.id, what, GrantMode.HOLD) is None:
         raise AuthorizationError(f"{pid} has no hold grant on {name!r}")
+    holder = _holder(pid, who, what, granted=True)
+    return _deliver_checked(
+        ctx, conn, holder, name, number, lifetime, now, lambda: ctx.keysets.load(name, conn=conn)
+    )
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What :func:`deliver` checks about a principal and its hold grant on one keyset.
+
+    Read for many deliveries at once by :func:`holders_in`, then handed to
+    :func:`deliver_loaded_in`, which applies exactly :func:`deliver_in`'s checks to it.
+    """
+
+    principal: PrincipalId
+    row_id: str
+    status: str
+    hpke_template: str | None
+    hpke_key_id: int | None
+    hpke_public_key: bytes | None
+    keyset_id: str
+    #: An active (not revoked) ``hold`` grant exists.
+    holds: bool
+
+
+def _holder(pid: PrincipalId, who: Any, keyset_row_id: str, *, granted: bool) -> Holder:
+    return Holder(
+        principal=pid,
+        row_id=who.id,
+        status=who.status,
+        hpke_template=who.hpke_template,
+        hpke_key_id=who.hpke_key_id,
+        hpke_public_key=None if who.hpke_public_key is None else bytes(who.hpke_public_key),
+        keyset_id=keyset_row_id,
+        holds=granted,
+    )
+
+
+def holders_in(
+    conn: Connection, pairs: Iterable[tuple[PrincipalId, str]], *, lock: bool = False
+) -> dict[tuple[PrincipalId, str], Holder]:
+    """:func:`deliver`'s checks on many ``(principal, keyset name)`` pairs, in three reads.
+
+    Pairs whose principal or keyset does not exist are left out (:func:`deliver`
+    says :class:`NotFound` for them). With ``lock`` (PostgreSQL), the principal
+    and grant rows read are locked ``FOR SHARE`` until the transaction ends, so
+    a revocation of either waits for it and then fails what it delivered: the
+    checks stay true until the deliveries commit.
+    """
+    wanted = {(principal_id(p), keyset_name(k)) for p, k in pairs}
+    names = sorted({p.name for p, _ in wanted})
+    sets = sorted({k for _, k in wanted})
+    who: dict[PrincipalId, Any] = {}
+    for part in _parts(names):
+        query = sa.select(principals).where(principals.c.name.in_(part))
+        if lock:
+            query = query.order_by(principals.c.id).with_for_update(read=True)
+        for row in conn.execute(query):
+            who[PrincipalId(PrincipalKind(row.kind), row.name)] = row
+    what: dict[str, str] = {}
+    for part in _parts(sets):
+        query2 = sa.select(keysets.c.name, keysets.c.id).where(keysets.c.name.in_(part))
+        what.update((name, ident) for name, ident in conn.execute(query2))
+    held: set[tuple[str, str]] = set()
+    row_ids = sorted({who[p].id for p, _ in wanted if p in who})
+    keyset_ids = sorted({what[k] for _, k in wanted if k in what})
+    for part in _parts(row_ids):
+        query3 = sa.select(grants.c.principal_id, grants.c.keyset_id).where(
+            grants.c.principal_id.in_(part),
+            grants.c.keyset_id.in_(keyset_ids),
+            grants.c.mode == GrantMode.HOLD.value,
+            grants.c.revoked_at.is_(None),
+        )
+        if lock:
+            query3 = query3.order_by(grants.c.id).with_for_update(read=True)
+        held.update((a, b) for a, b in conn.execute(query3))
+    found: dict[tuple[PrincipalId, str], Holder] = {}
+    for pid, name in wanted:
+        principal_row, ident = who.get(pid), what.get(name)
+        if principal_row is not None and ident is not None:
+            granted = (principal_row.id, ident) in held
+            found[pid, name] = _holder(pid, principal_row, ident, granted=granted)
+    return found
+
+
+def _parts(items: list[str], size: int = 500) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def deliver_loaded_in(  # noqa: PLR0917 - deliver_in()'s arguments, read beforehand
+    ctx: BrokerContext,
+    conn: Connection,
+    stored: StoredKeyset,
+    version: int,
+    holder: Holder,
+    ttl_: timedelta,
+    now: datetime,
+) -> tuple[DeliveryEnvelope, list[Event]]:
+    """:func:`deliver_in` with the keyset already loaded in this transaction and the
+    principal's checks read by :func:`holders_in`: the same checks, outcome and events."""
+    name, number = keyset_name(stored.keyset.name), version_number(version)
+    if holder.keyset_id != stored.id:
+        raise LocalProtocolError("the holder was read for another keyset")
+    lifetime = ttl(ttl_, ctx.policy.max_delivery_ttl)
+    now = _to_ms_precision(now)
+    ctx.store.lock(conn, f"delivery/{holder.principal}/{name}/{number}")
+    return _deliver_checked(ctx, conn, holder, name, number, lifetime, now, lambda: stored)
+
+
+def _deliver_checked(  # noqa: PLR0917 - private; deliver_in()'s checked arguments
+    ctx: BrokerContext,
+    conn: Connection,
+    who: Holder,
+    name: str,
+    number: int,
+    lifetime: timedelta,
+    now: datetime,
+    load: Callable[[], StoredKeyset],
+) -> tuple[DeliveryEnvelope, list[Event]]:
+    """The rest of :func:`deliver_in`, under its lock (``now`` at millisecond precision)."""
+    pid = who.principal
+    if who.status != ACTIVE or who.hpke_public_key is None:
+        raise AuthorizationError(f"{pid} is not an enrolled, active principal")
+    if not who.holds:
+        raise AuthorizationError(f"{pid} has no hold grant on {name!r}")
+    what = who.keyset_id
 
     events: list[Event] = []
     current = conn.execute(
-        _SELECT.where(
-            deliveries.c.principal_id == who.id,
-            deliveries.c.keyset_id == what,
-            deliveries.c.version == number,
-            deliveries.c.state == SENT,
-        )
+        _CURRENT,
+        {"principal_row": who.row_id, "keyset_row": what, "number": number, "sent": SENT},
     ).one_or_none()
     if current is not None:
         if current.expires_at > now:
             return _envelope(current), events
         events += expire_sent(conn, now, delivery_ids=[current.id])
 
-    stored = ctx.keysets.load(name, conn=conn)
+    stored = load()
     state = stored.keyset.version(number).state
     if state not in CONSUMING_STATES:
         raise KeysetError(f"version {number} of {name!r} is {state.value}; not delivered")
+    if who.hpke_template is None or who.hpke_key_id is None:
+        raise AuthorizationError(f"{pid} is not an enrolled, active principal")
     recipient = HpkeKeyBinding(
-        str(pid), who.hpke_template, who.hpke_key_id, bytes(who.hpke_public_key)
+        str(pid), who.hpke_template, who.hpke_key_id, who.hpke_public_key
     ).recipient()
     new_id = ctx.new_id()
     challenge = ctx.rng(CHALLENGE_SIZE)
@@ -228,21 +358,22 @@ def deliver_in(  # noqa: PLR0917 - deliver()'s arguments plus the transaction an
     )
     envelope = replace(unsigned, signature=ctx.signer.sign(unsigned.signed_bytes()))
     conn.execute(
-        deliveries.insert().values(
-            id=new_id,
-            principal_id=who.id,
-            keyset_id=what,
-            version=number,
-            state=SENT,
-            sealed=sealed,
-            challenge=challenge,
-            created_at=now,
-            expires_at=expires_at,
-            completed_at=None,
-            failure_reason=None,
-            signature=envelope.signature,
-            ack_proof=None,
-        )
+        _INSERT,
+        {
+            "id": new_id,
+            "principal_id": who.row_id,
+            "keyset_id": what,
+            "version": number,
+            "state": SENT,
+            "sealed": sealed,
+            "challenge": challenge,
+            "created_at": now,
+            "expires_at": expires_at,
+            "completed_at": None,
+            "failure_reason": None,
+            "signature": envelope.signature,
+            "ack_proof": None,
+        },
     )
     events.append(
         DeliverySent(
@@ -257,6 +388,20 @@ def deliver_in(  # noqa: PLR0917 - deliver()'s arguments plus the transaction an
         )
     )
     return envelope, events
+
+
+_CURRENT: Final = _SELECT.where(
+    deliveries.c.principal_id == sa.bindparam("principal_row"),
+    deliveries.c.keyset_id == sa.bindparam("keyset_row"),
+    deliveries.c.version == sa.bindparam("number"),
+    deliveries.c.state == sa.bindparam("sent"),
+)
+_INSERT: Final = deliveries.insert()
+_SETTLE: Final = (
+    deliveries.update()
+    .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.state == sa.bindparam("b_sent"))
+    .values(state=ACKED, completed_at=sa.bindparam("b_at"), ack_proof=sa.bindparam("b_proof"))
+)
 
 
 def expire_in(conn: Connection, now: datetime, delivery: str) -> list[Event]:
@@ -284,14 +429,16 @@ def fetch_deliveries(ctx: BrokerContext, principal: PrincipalId | str) -> list[D
         who = require_row(conn, pid)
         if who.status != ACTIVE:
             raise AuthorizationError(f"{pid} is {who.status}")
+        # The deadline is checked here, not in SQL: given "expires_at > ?" SQLite (no
+        # statistics) scans every sent delivery by (state, expires_at) instead of this
+        # principal's by (principal_id, state), which made each fetch cost O(all in flight).
         rows = conn.execute(
             _SELECT.where(
                 deliveries.c.principal_id == who.id,
                 deliveries.c.state == SENT,
-                deliveries.c.expires_at > now,
             ).order_by(deliveries.c.created_at, deliveries.c.id)
         )
-        return [_envelope(row) for row in rows]
+        return [_envelope(row) for row in rows if row.expires_at > now]
 
 
 def ack(
@@ -334,18 +481,35 @@ def _verify_and_settle(
 ) -> str:
     # Loaded outside the try: a store or root-key failure is an error, not a wrong proof.
     stored = ctx.keysets.load(row.keyset_name, conn=conn)
+    outcome, events = _settle(conn, stored.keyset, row, proof, now)
+    record(ctx, conn, events)
+    return outcome
+
+
+def _settle(  # noqa: PLR0917 - ack()'s row, proof and time, and where an ack's update goes
+    conn: Connection,
+    keyset: Keyset,
+    row: Any,
+    proof: bytes,
+    now: datetime,
+    deferred: list[dict[str, Any]] | None = None,
+) -> tuple[str, list[Event]]:
+    """Check ``proof`` on the broker's copy and settle the ``sent`` row; the caller logs.
+
+    With ``deferred``, an accepted ack's update is appended there for the caller to run
+    (one statement for many, in the same transaction, with the row still locked)."""
     try:
-        verify_ack_proof(stored.keyset, row.version, bytes(row.challenge), row.id, proof)
+        verify_ack_proof(keyset, row.version, bytes(row.challenge), row.id, proof)
     except CryptoError:
         reason = WRONG_PROOF
     except KeysetError:
         reason = "key version no longer available"
     else:
-        conn.execute(
-            deliveries.update()
-            .where(deliveries.c.id == row.id, deliveries.c.state == SENT)
-            .values(state=ACKED, completed_at=now, ack_proof=proof)
-        )
+        update = {"b_id": row.id, "b_sent": SENT, "b_at": now, "b_proof": proof}
+        if deferred is None:
+            conn.execute(_SETTLE, update)
+        else:
+            deferred.append(update)
         acked = DeliveryAcknowledged(
             at_ms=to_ms(now),
             delivery_id=row.id,
@@ -353,10 +517,109 @@ def _verify_and_settle(
             keyset=row.keyset_name,
             version=row.version,
         )
-        record(ctx, conn, [acked])
-        return ACKED
-    record(ctx, conn, fail_sent(conn, now, reason, delivery_id=row.id))
-    return FAILED
+        return ACKED, [acked]
+    return FAILED, fail_sent(conn, now, reason, delivery_id=row.id)
+
+
+AckRequest = tuple[str, PrincipalId | str, bytes]
+"""``(delivery id, principal, proof)``: one acknowledgement for :func:`ack_many`."""
+
+
+def ack_many(
+    ctx: BrokerContext, requests: Sequence[AckRequest]
+) -> list[DeliveryInfo | KeybrokerError]:
+    """Settle many acknowledgements in one transaction, as :func:`ack` would one by one.
+
+    This is what a consumer of acks arriving on the bus does: it drains what is
+    queued and settles it together, so N acks cost one transaction and one signed
+    tree head instead of N. Each request gets exactly the checks, the outcome and
+    the log entries :func:`ack` gives it, in order (a delivery named twice is
+    settled by the first and judged against that by the second). Returned, one
+    per request and in order: the acked :class:`DeliveryInfo`, or the error
+    :func:`ack` would have raised (nothing is raised for a refused request, and
+    a refused request changes nothing but what :func:`ack` would have committed:
+    a wrong proof fails its delivery, a late ack expires it). A store or
+    root-key failure raises and rolls the whole batch back.
+    """
+    results: list[DeliveryInfo | KeybrokerError | None] = [None] * len(requests)
+    checked: list[tuple[int, str, PrincipalId, bytes]] = []
+    for i, (did_, principal, proof) in enumerate(requests):
+        try:
+            did, pid = delivery_id(did_), principal_id(principal)
+            if not isinstance(proof, bytes) or not 0 < len(proof) <= MAX_PROOF_SIZE:
+                raise DecodeError("malformed proof of possession")
+        except KeybrokerError as exc:
+            results[i] = exc
+            continue
+        checked.append((i, did, pid, proof))
+    if checked:
+        now = ctx.now()
+        with ctx.store.transaction() as conn:
+            rows = _rows_for_update(conn, sorted({did for _, did, _, _ in checked}))
+            events: list[Event] = []
+            keysets_: dict[str, Keyset] = {}
+            acked: list[dict[str, Any]] = []
+            for i, did, pid, proof in checked:
+                results[i] = _ack_one(
+                    ctx, conn, rows, keysets_, (did, pid, proof), now, events, acked
+                )
+            if acked:  # the accepted acks' rows, locked above, in one statement
+                conn.execute(_SETTLE, acked)
+            record(ctx, conn, events)
+    return [r for r in results if r is not None]
+
+
+def _rows_for_update(conn: Connection, ids: list[str]) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for start in range(0, len(ids), 500):
+        query = _SELECT.where(deliveries.c.id.in_(ids[start : start + 500]))
+        rows.update((r.id, r) for r in conn.execute(query.with_for_update(of=deliveries)))
+    return rows
+
+
+def _ack_one(  # noqa: PLR0917 - ack()'s body over rows read for the whole batch
+    ctx: BrokerContext,
+    conn: Connection,
+    rows: dict[str, Any],
+    keysets_: dict[str, Keyset],
+    request: tuple[str, PrincipalId, bytes],
+    now: datetime,
+    events: list[Event],
+    acked: list[dict[str, Any]],
+) -> DeliveryInfo | KeybrokerError:
+    did, pid, proof = request
+    row = rows.get(did)
+    if row is None or _principal(row) != pid:
+        return NotFound("no such delivery")
+    if row.state == ACKED:
+        if row.ack_proof is not None and hmac.compare_digest(bytes(row.ack_proof), proof):
+            return _info(row)
+        return Conflict("delivery is already acknowledged")
+    if row.state == EXPIRED:
+        return AuthorizationError("delivery expired")
+    if row.state != SENT:
+        return Conflict(f"delivery is {row.state}")
+    if row.expires_at <= now:
+        events += expire_sent(conn, now, delivery_ids=[did])
+        rows[did] = _settled(row, state=EXPIRED, completed_at=now)
+        return AuthorizationError("delivery expired")
+    keyset = keysets_.get(row.keyset_name)
+    if keyset is None:
+        # A store or root-key failure is an error for the whole batch, as it is for ack().
+        keyset = keysets_[row.keyset_name] = ctx.keysets.load(row.keyset_name, conn=conn).keyset
+    outcome, more = _settle(conn, keyset, row, proof, now, acked)
+    events += more
+    if outcome == FAILED:
+        reason = more[0].reason if more and isinstance(more[0], DeliveryFailed) else None
+        rows[did] = _settled(row, state=FAILED, completed_at=now, failure_reason=reason)
+        return CryptoError()
+    rows[did] = _settled(row, state=ACKED, completed_at=now, ack_proof=proof)
+    return _info(rows[did])
+
+
+def _settled(row: Any, **changes: Any) -> SimpleNamespace:
+    """``row`` as it reads after an update that set ``changes``."""
+    return SimpleNamespace(**{**row._asdict(), **changes})
 
 
 def expire_overdue(ctx: BrokerContext, now: datetime | None = None) -> list[str]:

@@ -19,7 +19,17 @@ own ``expires_at``. An ack the broker accepted is ``acked`` here; an ack that
 arrives after the deadline is refused there. No separate timer can disagree.
 
 Links are processed in batches (one transaction per batch, a savepoint per
-link), which is what lets one broker drive ten thousand links in seconds.
+link that has actions). What the links of a batch share is read once for the
+batch (:class:`_Batch`): their keysets are locked and their revisions read in
+one query, the ends' principals and hold grants in three, and a keyset the
+orchestrator already holds unwrapped from an earlier step is reused only if its
+stored id and revision are still the ones it saved or loaded (every save bumps
+the revision under compare-and-set, so equal means identical). Each action still
+goes through the broker's own checks and lifecycle steps
+(:func:`~keybroker.broker.deliveries.deliver_loaded_in` applies
+:func:`~keybroker.broker.deliveries.deliver_in`'s checks; a keyset change is
+:func:`~keybroker.broker.keysets.change_in`'s sequence). ``bench/rotation.py``
+measures what this costs per link (docs/benchmarks.md, ``## rotation``).
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -36,12 +47,20 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from keybroker.broker import Broker
-from keybroker.broker._context import BrokerContext, record
-from keybroker.broker.deliveries import deliver_in, expire_in
+from keybroker.broker import Broker, DeliveryEnvelope
+from keybroker.broker._context import BrokerContext, keyset_name, record
+from keybroker.broker.deliveries import Holder, deliver_in, deliver_loaded_in, expire_in, holders_in
 from keybroker.broker.events import Event, from_ms, to_ms
 from keybroker.broker.grants import GrantMode
-from keybroker.broker.keysets import change_in, disable_step, promote_step, rotate_step
+from keybroker.broker.keysets import (
+    Step as KeysetStep,
+)
+from keybroker.broker.keysets import (
+    _retire_deliveries,
+    disable_step,
+    promote_step,
+    rotate_step,
+)
 from keybroker.errors import (
     Conflict,
     KeybrokerError,
@@ -69,12 +88,15 @@ from keybroker.flows.rotation.protocol import (
     uses_old_key,
 )
 from keybroker.flows.rotation.topology import Link, Topology
-from keybroker.keys import AES256_GCM, KeyState
+from keybroker.keys import AES256_GCM, KeyState, KeyVersionInfo
 from keybroker.pki import PrincipalId
+from keybroker.store.keysets import StoredKeyset
 from keybroker.store.schema import (
     deliveries,
+    grants,
     key_versions,
     keysets,
+    principals,
     rotation_links,
     rotation_rollouts,
 )
@@ -163,7 +185,12 @@ class SetupReport:
 
 
 class Orchestrator:
-    """Rollouts over one broker. Stateless between calls: any replica may run it."""
+    """Rollouts over one broker. Any replica may run it: the store holds every record.
+
+    Between calls it keeps only the unwrapped keysets of links still in flight, each
+    checked against its stored revision under lock before any use, dropped when its
+    link finishes, and all dropped when a transaction does not commit.
+    """
 
     def __init__(
         self,
@@ -178,9 +205,22 @@ class Orchestrator:
         self._ctx: BrokerContext = broker.context
         self._rng = rng
         self._batch = batch_size
+        #: Link keysets loaded by earlier steps, reused only while their stored id and
+        #: revision are unchanged (checked under lock each time; see _Batch).
+        self._keysets: dict[str, StoredKeyset] = {}
 
     def __repr__(self) -> str:
         return f"Orchestrator({self._ctx.store!r})"
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A store transaction; if it does not commit, nothing loaded or saved in it is kept."""
+        try:
+            with self._ctx.store.transaction() as conn:
+                yield conn
+        except BaseException:
+            self._keysets.clear()
+            raise
 
     # -- setting links up ----------------------------------------------------------
 
@@ -191,30 +231,43 @@ class Orchestrator:
         ends, and delivers the current primary to each end that has not acknowledged it.
         Both ends must be enrolled.
         """
-        broker = self._broker
-        existing = set(broker.context.keysets.names())
-        created = granted = delivered = 0
-        for link in topology.links:
-            if link.keyset not in existing:
-                broker.create_keyset(link.keyset, AES256_GCM)
+        broker, ctx = self._broker, self._ctx
+        names = list(dict.fromkeys(link.keyset for link in topology.links))
+        existing = set(ctx.keysets.names())
+        created = granted = 0
+        for name in names:
+            if name not in existing:
+                broker.create_keyset(name, AES256_GCM)
                 created += 1
-            held = {
-                g.principal
-                for g in broker.list_grants(keyset=link.keyset)
-                if g.mode == GrantMode.HOLD
-            }
-            primary = broker.show_keyset(link.keyset).primary
-            if primary is None:
-                raise Conflict(f"keyset {link.keyset!r} has no primary version")
+        with ctx.store.snapshot() as conn:
+            held = _holding(conn, names)
+            primaries = _primaries(conn, names)
+            acked = _acked(conn, names)
+        missing = [n for n in names if n not in primaries]
+        if missing:
+            raise Conflict(f"keyset {missing[0]!r} has no primary version")
+        todo: list[tuple[str, int, PrincipalId]] = []
+        for link in topology.links:
+            primary = primaries[link.keyset]
             for end in (link.downstream, link.upstream):
-                if end not in held:
+                if (str(end), link.keyset) not in held:
                     broker.grant(end, link.keyset, GrantMode.HOLD)
+                    held.add((str(end), link.keyset))
                     granted += 1
-                done = broker.list_deliveries(principal=end, keyset=link.keyset, state="acked")
-                if not any(d.version == primary for d in done):
-                    broker.deliver(link.keyset, primary, end, delivery_ttl)
-                    delivered += 1
-        return SetupReport(created, granted, delivered)
+                if (str(end), link.keyset, primary) not in acked:
+                    todo.append((link.keyset, primary, end))
+        # The first deliveries, a batch per transaction: deliver_in's checks on each.
+        for start in range(0, len(todo), self._batch):
+            chunk = todo[start : start + self._batch]
+            with ctx.store.transaction() as conn:
+                now = ctx.now()
+                batch = _Batch(ctx, conn, now, {})
+                batch.read_holders([(end, name) for name, _, end in chunk])
+                events: list[Event] = []
+                for name, version, end in chunk:
+                    events += batch.deliver(name, version, end, delivery_ttl)[1]
+                record(ctx, conn, events)
+        return SetupReport(created, granted, len(todo))
 
     # -- rollouts ------------------------------------------------------------------
 
@@ -303,9 +356,14 @@ class Orchestrator:
         now = self._ctx.now()
         self._start_waiting(now)
         while True:
+            # One read finds every link due now; each batch then locks its share and checks
+            # it again, so finding the work costs one scan per pass, not one per batch.
+            # A link a batch moves to a state that is due at once is taken by the next pass.
+            due = self._due_candidates(now)
             before = report.steps
-            selected = self._step_batch(now, report)
-            if selected < self._batch or report.steps == before:
+            for start in range(0, len(due), self._batch):
+                self._step_batch(now, report, due[start : start + self._batch])
+            if not due or report.steps == before:
                 break
         self._settle_rollouts(now)
         return report
@@ -330,7 +388,7 @@ class Orchestrator:
         """
         ctx = self._ctx
         now = ctx.now()
-        with ctx.store.transaction() as conn:
+        with self._transaction() as conn:
             rollout = _rollout_row(conn, rollout_id, for_update=True)
             if rollout.finished_at is not None or rollout.state == ABORTED:
                 raise Conflict(f"rollout {rollout_id} is {rollout.state.lower()}; nothing to abort")
@@ -343,9 +401,10 @@ class Orchestrator:
                 )
                 .order_by(rotation_links.c.position)
             ).all()
+            batch = self._batch_for(conn, now, rows)
             for row in rows:
                 step = advance(_record(row), Input.ABORT, to_ms(now), _policy(rollout), self._rng)
-                events += self._apply(conn, rollout_id, row, step, now, StepReport())
+                events += self._apply(batch, rollout_id, row, step, StepReport())
             events.append(self._set_rollout(conn, rollout_id, ABORTED, "aborted by operator", now))
             record(ctx, conn, events)
         self._settle_rollouts(now)
@@ -355,7 +414,7 @@ class Orchestrator:
         """Start the failed or aborted links of a rollout again (all, or those named)."""
         ctx = self._ctx
         now = ctx.now()
-        with ctx.store.transaction() as conn:
+        with self._transaction() as conn:
             rollout = _rollout_row(conn, rollout_id, for_update=True)
             query = rotation_links.select().where(
                 rotation_links.c.rollout_id == rollout_id,
@@ -380,9 +439,10 @@ class Orchestrator:
                 raise Conflict(f"{sorted(busy)[0]!r} is in another rollout that has not finished")
             policy = _policy(rollout)
             events: list[Event] = []
+            batch = self._batch_for(conn, now, rows)
             for row in rows:
                 step = advance(_record(row), Input.RETRY, to_ms(now), policy, self._rng)
-                events += self._apply(conn, rollout_id, row, step, now, StepReport())
+                events += self._apply(batch, rollout_id, row, step, StepReport())
             conn.execute(
                 rotation_rollouts.update()
                 .where(rotation_rollouts.c.id == rollout_id)
@@ -465,9 +525,9 @@ class Orchestrator:
                         .values(next_at=now)
                     )
 
-    def _due_ids(self, conn: Connection, now: datetime) -> list[str]:
+    def _due_query(self, now: datetime) -> sa.Select[Any]:
         live = sa.select(rotation_rollouts.c.id).where(rotation_rollouts.c.state.in_(LIVE_ROLLOUTS))
-        query = (
+        return (
             sa.select(rotation_links.c.id)
             .select_from(
                 rotation_links.outerjoin(
@@ -486,16 +546,25 @@ class Orchestrator:
                 ),
             )
             .order_by(rotation_links.c.next_at, rotation_links.c.id)
-            .limit(self._batch)
         )
+
+    def _due_candidates(self, now: datetime) -> list[str]:
+        """Every link due now, in the order they are stepped (read without locks)."""
+        with self._ctx.store.snapshot() as conn:
+            return list(conn.execute(self._due_query(now)).scalars())
+
+    def _due_ids(self, conn: Connection, now: datetime, among: list[str]) -> list[str]:
+        """Those of ``among`` still due, locked (PostgreSQL: skipping any another replica
+        holds; SQLite: this transaction is the only writer)."""
+        query = self._due_query(now).where(rotation_links.c.id.in_(among))
         if self._ctx.store.dialect == "postgresql":
             query = query.with_for_update(of=rotation_links, skip_locked=True)
         return list(conn.execute(query).scalars())
 
-    def _step_batch(self, now: datetime, report: StepReport) -> int:
+    def _step_batch(self, now: datetime, report: StepReport, among: list[str]) -> int:
         ctx = self._ctx
-        with ctx.store.transaction() as conn:
-            ids = self._due_ids(conn, now)
+        with self._transaction() as conn:
+            ids = self._due_ids(conn, now, among)
             if not ids:
                 return 0
             rows = conn.execute(
@@ -508,6 +577,9 @@ class Orchestrator:
                 .where(rotation_links.c.id.in_(ids))
                 .order_by(rotation_links.c.next_at, rotation_links.c.id)
             ).all()
+            # Locks in the order every other writer takes them: keysets, then principals and
+            # grants, then deliveries (see _Batch).
+            batch = self._batch_for(conn, now, rows)
             outcome = self._observe(conn, [r.delivery_id for r in rows if r.delivery_id])
             events: list[Event] = []
             policies: dict[bytes, RolloutPolicy] = {}
@@ -526,9 +598,26 @@ class Orchestrator:
                     and row.new_version is None
                 ):
                     continue  # a halted or aborted rollout starts nothing new
-                events += self._step_link(conn, row, event, reason, policy, now, report)
+                events += self._step_link(batch, row, event, reason, policy, report)
             record(ctx, conn, events)
         return len(ids)
+
+    def _batch_for(self, conn: Connection, now: datetime, rows: Sequence[Any]) -> _Batch:
+        """A :class:`_Batch` over ``rows``' keysets (locked) and their ends' checks."""
+        batch = _Batch(self._ctx, conn, now, self._keysets)
+        batch.lock_keysets(sorted({row.keyset for row in rows}))
+        # Deliveries are made from PENDING (to the site) and ACKED_DOWNSTREAM (to the node);
+        # a delivery to anyone not read here is checked by deliver_in itself.
+        ends: list[tuple[PrincipalId, str]] = []
+        for row in rows:
+            link = Link(node=row.node, site=row.site, keyset=row.keyset)
+            if row.state == LinkState.PENDING.value:
+                ends.append((link.downstream, link.keyset))
+            elif row.state == LinkState.ACKED_DOWNSTREAM.value:
+                ends.append((link.upstream, link.keyset))
+        if ends:
+            batch.read_holders(ends)
+        return batch
 
     def _observe(
         self, conn: Connection, ids: list[str]
@@ -548,58 +637,61 @@ class Orchestrator:
 
     def _step_link(  # noqa: PLR0917 - private; every argument is needed
         self,
-        conn: Connection,
+        batch: _Batch,
         row: Any,
         event: Input,
         reason: str | None,
         policy: RolloutPolicy,
-        now: datetime,
         report: StepReport,
     ) -> list[Event]:
         before = _record(row)
-        step = advance(before, event, to_ms(now), policy, self._rng, reason=reason)
+        now_ms = to_ms(batch.now)
+        step = advance(before, event, now_ms, policy, self._rng, reason=reason)
         try:
-            with conn.begin_nested():
-                return self._apply(conn, row.rollout_id, row, step, now, report)
+            if not step.actions:
+                # Only the record's compare-and-set writes, and a refusal writes nothing.
+                return self._apply(batch, row.rollout_id, row, step, report)
+            with batch.conn.begin_nested():
+                return self._apply(batch, row.rollout_id, row, step, report)
         except KeybrokerError as exc:
+            # The savepoint undid this link's writes; forget what we had loaded of it too.
+            batch.forget(row.keyset)
             if isinstance(exc, StoreError):
                 raise
             why = _why(exc)
             logger.warning("rotation link %s/%s: %s", row.node, row.site, why)
             try:
-                failed = advance(
-                    before, Input.ACTION_FAILED, to_ms(now), policy, self._rng, reason=why
-                )
+                failed = advance(before, Input.ACTION_FAILED, now_ms, policy, self._rng, reason=why)
             except LocalProtocolError:
                 report.errors += 1
                 return []
             try:
-                with conn.begin_nested():
-                    return self._apply(conn, row.rollout_id, row, failed, now, report)
+                with batch.conn.begin_nested():
+                    return self._apply(batch, row.rollout_id, row, failed, report)
             except KeybrokerError as again:
+                batch.forget(row.keyset)
                 if isinstance(again, StoreError):
                     raise
                 logger.error("rotation link %s/%s stuck: %s", row.node, row.site, _why(again))
                 report.errors += 1
                 return []
 
-    def _apply(  # noqa: PLR0917 - private; every argument is needed
+    def _apply(
         self,
-        conn: Connection,
+        batch: _Batch,
         rollout_id: str,
         row: Any,
         step: Step,
-        now: datetime,
         report: StepReport,
     ) -> list[Event]:
         """Perform ``step``'s actions and write its record; the caller records the events."""
-        ctx = self._ctx
+        conn, now = batch.conn, batch.now
         link = Link(node=row.node, site=row.site, keyset=row.keyset)
         after = step.after
         events: list[Event] = []
         for action in step.actions:
             if isinstance(action, AddVersion):
-                info, more = change_in(ctx, conn, link.keyset, rotate_step(), now)
+                info, more = batch.change(link.keyset, rotate_step())
                 after = replace(after, new_version=info.version)
                 events += more
             elif isinstance(action, Deliver):
@@ -607,14 +699,8 @@ class Orchestrator:
                 version = action.version or after.new_version
                 if not version:
                     raise LocalProtocolError("deliver without a version")
-                envelope, more = deliver_in(
-                    ctx,
-                    conn,
-                    link.keyset,
-                    version,
-                    to,
-                    timedelta(milliseconds=action.ttl_ms),
-                    now,
+                envelope, more = batch.deliver(
+                    link.keyset, version, to, timedelta(milliseconds=action.ttl_ms)
                 )
                 after = replace(after, delivery_id=envelope.delivery_id)
                 report.delivered_to.add(to)
@@ -622,29 +708,31 @@ class Orchestrator:
             elif isinstance(action, ExpireDelivery):
                 events += expire_in(conn, now, action.delivery_id)
             elif isinstance(action, Promote):
-                _, more = change_in(ctx, conn, link.keyset, promote_step(action.version), now)
+                _, more = batch.change(link.keyset, promote_step(action.version))
                 events += more
-            elif isinstance(action, Disable) and _version_state(
-                conn, link.keyset, action.version
-            ) in (KeyState.PENDING.value, KeyState.ENABLED.value):
-                _, more = change_in(ctx, conn, link.keyset, disable_step(action.version), now)
+            elif isinstance(action, Disable) and batch.version_state(
+                link.keyset, action.version
+            ) in (KeyState.PENDING, KeyState.ENABLED):
+                _, more = batch.change(link.keyset, disable_step(action.version))
                 events += more
         updated = conn.execute(
-            rotation_links.update()
-            .where(rotation_links.c.id == row.id, rotation_links.c.seq == row.seq)
-            .values(
-                state=after.state.value,
-                new_version=after.new_version,
-                attempt=after.attempt,
-                delivery_id=after.delivery_id,
-                next_at=from_ms(after.next_at_ms),
-                reason=_clip(after.reason),
-                seq=row.seq + 1,
-                updated_at=now,
-            )
+            _LINK_UPDATE,
+            {
+                "b_id": row.id,
+                "b_seq": row.seq,
+                "b_state": after.state.value,
+                "b_new_version": after.new_version,
+                "b_attempt": after.attempt,
+                "b_delivery_id": after.delivery_id,
+                "b_next_at": from_ms(after.next_at_ms),
+                "b_reason": _clip(after.reason),
+                "b_updated_at": now,
+            },
         )
         if updated.rowcount != 1:
             raise Conflict("the link was changed concurrently")
+        if after.state in TERMINAL:
+            batch.release(link.keyset)  # a finished link's keyset is not kept unwrapped
         report.steps += 1
         events.append(
             LinkStepped(
@@ -676,7 +764,7 @@ class Orchestrator:
                 )
             ).all()
         for rollout in live:
-            with ctx.store.transaction() as conn:
+            with self._transaction() as conn:
                 ctx.store.lock(conn, f"rotation/{rollout.id}")
                 current = _rollout_row(conn, rollout.id, for_update=True)
                 if current.finished_at is not None:
@@ -730,9 +818,10 @@ class Orchestrator:
             )
         ).all()
         policy = _policy(rollout)
+        batch = self._batch_for(conn, now, rows)
         for row in rows:
             step = advance(_record(row), Input.ABORT, to_ms(now), policy, self._rng, reason=why)
-            events += self._apply(conn, rollout.id, row, step, now, StepReport())
+            events += self._apply(batch, rollout.id, row, step, StepReport())
         return events
 
     def _set_rollout(
@@ -746,6 +835,130 @@ class Orchestrator:
         return RolloutChanged(
             at_ms=to_ms(now), rollout_id=rollout_id, state=state, reason=_clip(reason)
         )
+
+
+#: One link's record, compare-and-set on its step counter.
+_LINK_UPDATE: Final = (
+    rotation_links.update()
+    .where(
+        rotation_links.c.id == sa.bindparam("b_id"),
+        rotation_links.c.seq == sa.bindparam("b_seq"),
+    )
+    .values(
+        state=sa.bindparam("b_state"),
+        new_version=sa.bindparam("b_new_version"),
+        attempt=sa.bindparam("b_attempt"),
+        delivery_id=sa.bindparam("b_delivery_id"),
+        next_at=sa.bindparam("b_next_at"),
+        reason=sa.bindparam("b_reason"),
+        seq=rotation_links.c.seq + 1,
+        updated_at=sa.bindparam("b_updated_at"),
+    )
+)
+
+
+class _Batch:
+    """What the links stepped in one transaction share: their keysets and their ends' checks.
+
+    * **Keysets.** Each link keyset is locked (PostgreSQL: ``FOR UPDATE``; SQLite:
+      the transaction is the only writer) and its id and revision read, all in one
+      query. A keyset the orchestrator loaded or saved in an earlier step is reused
+      only if both still match: a keyset row's revision goes up on every save
+      (compare-and-set, :mod:`keybroker.store.keysets`), so a match means the stored
+      versions are exactly those held. Anything else is loaded again. A change is
+      :func:`~keybroker.broker.keysets.change_in`'s own sequence (the same lifecycle
+      step, a compare-and-set save, outstanding deliveries of a retired version
+      failed) on the keyset held. What a link's savepoint undoes, or a transaction
+      that does not commit, is forgotten; a finished link's keyset is dropped.
+    * **Recipients.** Both ends' principal and hold grant are read for the whole
+      batch (:func:`~keybroker.broker.deliveries.holders_in`, locked ``FOR SHARE``
+      on PostgreSQL so a revocation waits for this transaction and then fails what
+      it delivered), and each delivery applies :func:`deliver_in`'s checks to them.
+
+    Locks are taken keysets first, then principals and grants, then deliveries: the
+    order in which an operator's keyset change or revocation takes them, so neither
+    can deadlock with a step.
+    """
+
+    def __init__(
+        self,
+        ctx: BrokerContext,
+        conn: Connection,
+        now: datetime,
+        cache: dict[str, StoredKeyset],
+    ) -> None:
+        self.ctx, self.conn, self.now = ctx, conn, now
+        self._cache = cache
+        self._heads: dict[str, tuple[str, int]] = {}
+        self._holders: dict[tuple[PrincipalId, str], Holder] = {}
+        self._postgres = ctx.store.dialect == "postgresql"
+
+    def lock_keysets(self, names: list[str]) -> None:
+        for start in range(0, len(names), 500):
+            query = sa.select(keysets.c.name, keysets.c.id, keysets.c.revision).where(
+                keysets.c.name.in_(names[start : start + 500])
+            )
+            if self._postgres:
+                query = query.order_by(keysets.c.name).with_for_update(of=keysets)
+            self._heads.update(
+                (name, (ident, rev)) for name, ident, rev in self.conn.execute(query)
+            )
+
+    def read_holders(self, pairs: list[tuple[PrincipalId, str]]) -> None:
+        self._holders.update(holders_in(self.conn, pairs, lock=self._postgres))
+
+    def keyset(self, name: str) -> StoredKeyset:
+        name = keyset_name(name)
+        held = self._cache.get(name)
+        if held is not None and self._heads.get(name) == (held.id, held.revision):
+            return held
+        stored = self.ctx.keysets.load(name, conn=self.conn)
+        self._cache[name] = stored
+        self._heads[name] = (stored.id, stored.revision)
+        return stored
+
+    def version_state(self, name: str, version: int) -> KeyState | None:
+        try:
+            stored = self.keyset(name)
+        except NotFound:
+            return None
+        for info in stored.keyset.versions:
+            if info.version == version:
+                return info.state
+        return None
+
+    def change(self, name: str, step: KeysetStep) -> tuple[KeyVersionInfo, list[Event]]:
+        """:func:`~keybroker.broker.keysets.change_in` on the keyset held."""
+        stored = self.keyset(name)
+        try:
+            info, events = step(stored, self.now)
+            saved = self.ctx.keysets.save(stored, conn=self.conn)
+        except BaseException:
+            self.forget(name)  # the held object may have been changed; the store was not
+            raise
+        self._cache[name] = saved
+        self._heads[name] = (saved.id, saved.revision)
+        return info, events + _retire_deliveries(self.conn, saved, info, self.now)
+
+    def deliver(
+        self, name: str, version: int, to: PrincipalId, ttl_: timedelta
+    ) -> tuple[DeliveryEnvelope, list[Event]]:
+        """:func:`deliver_in`, with the keyset held and the recipient's checks read."""
+        holder = self._holders.get((to, name))
+        if holder is None:
+            # Not read (no such principal or keyset?): deliver_in says what is wrong.
+            return deliver_in(self.ctx, self.conn, name, version, to, ttl_, self.now)
+        stored = self.keyset(name)
+        return deliver_loaded_in(self.ctx, self.conn, stored, version, holder, ttl_, self.now)
+
+    def forget(self, name: str) -> None:
+        """Drop what is held of ``name``: the next use loads it from the store."""
+        self._cache.pop(name, None)
+        self._heads.pop(name, None)
+
+    def release(self, name: str) -> None:
+        """Keep ``name`` for the rest of this batch, but not for later steps."""
+        self._cache.pop(name, None)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -791,6 +1004,49 @@ def _primaries(conn: Connection, names: list[str]) -> dict[str, int]:
     return found
 
 
+def _holding(conn: Connection, names: list[str]) -> set[tuple[str, str]]:
+    """(principal, keyset) pairs with an active hold grant, for the keysets ``names``."""
+    found: set[tuple[str, str]] = set()
+    for chunk in range(0, len(names), 500):
+        rows = conn.execute(
+            sa.select(principals.c.kind, principals.c.name, keysets.c.name.label("keyset"))
+            .select_from(
+                grants.join(principals, principals.c.id == grants.c.principal_id).join(
+                    keysets, keysets.c.id == grants.c.keyset_id
+                )
+            )
+            .where(
+                keysets.c.name.in_(names[chunk : chunk + 500]),
+                grants.c.mode == GrantMode.HOLD.value,
+                grants.c.revoked_at.is_(None),
+            )
+        )
+        found.update((f"{r.kind}/{r.name}", r.keyset) for r in rows)
+    return found
+
+
+def _acked(conn: Connection, names: list[str]) -> set[tuple[str, str, int]]:
+    """(principal, keyset, version) of every acknowledged delivery of the keysets ``names``."""
+    found: set[tuple[str, str, int]] = set()
+    for chunk in range(0, len(names), 500):
+        rows = conn.execute(
+            sa.select(
+                principals.c.kind,
+                principals.c.name,
+                keysets.c.name.label("keyset"),
+                deliveries.c.version,
+            )
+            .select_from(
+                deliveries.join(principals, principals.c.id == deliveries.c.principal_id).join(
+                    keysets, keysets.c.id == deliveries.c.keyset_id
+                )
+            )
+            .where(keysets.c.name.in_(names[chunk : chunk + 500]), deliveries.c.state == "acked")
+        )
+        found.update((f"{r.kind}/{r.name}", r.keyset, r.version) for r in rows)
+    return found
+
+
 def _busy_keysets(conn: Connection, names: list[str]) -> set[str]:
     live = sa.select(rotation_rollouts.c.id).where(rotation_rollouts.c.state.in_(LIVE_ROLLOUTS))
     busy: set[str] = set()
@@ -806,14 +1062,6 @@ def _busy_keysets(conn: Connection, names: list[str]) -> set[str]:
             ).scalars()
         )
     return busy
-
-
-def _version_state(conn: Connection, keyset: str, version: int) -> str | None:
-    return conn.execute(
-        sa.select(key_versions.c.state)
-        .join(keysets, keysets.c.id == key_versions.c.keyset_id)
-        .where(keysets.c.name == keyset, key_versions.c.version == version)
-    ).scalar_one_or_none()
 
 
 def _state_counts(conn: Connection, rollout_id: str) -> dict[str, int]:
