@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -48,3 +49,40 @@ def cpu_model() -> str:
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One benchmark figure and the ``BENCH`` line it prints (DESIGN.md §6)."""
+
+    metric: str
+    value: float
+    unit: str
+    decimals: int
+    #: (op, number) or None for an informational figure (printed as goal=>=0).
+    goal: tuple[str, float] | None
+    how: str
+
+    @property
+    def shown(self) -> str:
+        return f"{self.value:,.{self.decimals}f}"
+
+    @property
+    def goal_text(self) -> str:
+        if self.goal is None:
+            return ">=0"
+        op, number = self.goal
+        return f"{op}{number:g}"
+
+    @property
+    def met(self) -> bool | None:
+        if self.goal is None:
+            return None
+        op, number = self.goal
+        return self.value >= number if op == ">=" else self.value <= number
+
+    def bench_line(self, flow: str) -> str:
+        return (
+            f"BENCH {flow}.{self.metric} value={self.value:.{self.decimals}f} "
+            f"unit={self.unit} goal={self.goal_text}"
+        )

@@ -94,7 +94,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from benchkit import Broken, cpu_model, load, pg_admin, pg_unreachable
+from benchkit import Broken, Figure, cpu_model, load, pg_admin, pg_unreachable
 from keybroker.broker import (
     Broker,
     DeliveryEnvelope,
@@ -123,46 +123,6 @@ SDK_OPEN_CALLS = {"quick": 3, "full": 10}
 SLICE_DOUBLES_AT = 8.0
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
-
-
-# ---------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Figure:
-    metric: str
-    value: float
-    unit: str
-    decimals: int
-    #: (op, number) or None for an informational figure (printed as goal=>=0).
-    goal: tuple[str, float] | None
-    how: str
-
-    @property
-    def shown(self) -> str:
-        return f"{self.value:,.{self.decimals}f}"
-
-    @property
-    def goal_text(self) -> str:
-        if self.goal is None:
-            return ">=0"
-        op, number = self.goal
-        return f"{op}{number:g}"
-
-    @property
-    def met(self) -> bool | None:
-        if self.goal is None:
-            return None
-        op, number = self.goal
-        return self.value >= number if op == ">=" else self.value <= number
-
-    def bench_line(self) -> str:
-        return (
-            f"BENCH broker.{self.metric} value={self.value:.{self.decimals}f} "
-            f"unit={self.unit} goal={self.goal_text}"
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -969,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]BROKEN[/] {problem}")
     sys.stdout.flush()
     for f in figures:
-        print(f.bench_line())
+        print(f.bench_line("broker"))
     return 1 if broken else 0
 
 

@@ -106,7 +106,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from benchkit import Broken, cpu_model, load, pg_admin, pg_unreachable
+from benchkit import Broken, Figure, cpu_model, load, pg_admin, pg_unreachable
 from keybroker.broker import Broker, DeliveryEnvelope, make_ack_proof
 from keybroker.broker.home import init_home
 from keybroker.broker.messages import ack_challenge
@@ -146,41 +146,6 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 # ---------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Figure:
-    metric: str
-    value: float
-    unit: str
-    decimals: int
-    #: (op, number) or None for an informational figure (printed as goal=>=0).
-    goal: tuple[str, float] | None
-    how: str
-
-    @property
-    def shown(self) -> str:
-        return f"{self.value:,.{self.decimals}f}"
-
-    @property
-    def goal_text(self) -> str:
-        if self.goal is None:
-            return ">=0"
-        op, number = self.goal
-        return f"{op}{number:g}"
-
-    @property
-    def met(self) -> bool | None:
-        if self.goal is None:
-            return None
-        op, number = self.goal
-        return self.value >= number if op == ">=" else self.value <= number
-
-    def bench_line(self) -> str:
-        return (
-            f"BENCH rotation.{self.metric} value={self.value:.{self.decimals}f} "
-            f"unit={self.unit} goal={self.goal_text}"
-        )
 
 
 def size_label(n: int) -> str:
@@ -702,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]BROKEN[/] {problem}")
     sys.stdout.flush()
     for f in figures:
-        print(f.bench_line())
+        print(f.bench_line("rotation"))
     return 1 if broken else 0
 
 
