@@ -135,7 +135,7 @@ def traffic_send(  # noqa: PLR0917 - one parameter per option
     passphrase_env: PassphraseEnvOption = PASSPHRASE_ENV,
     log_level: LogLevelOption = "info",
 ) -> None:
-    """Send to a downstream site under the highest installed version of the link keyset."""
+    """Send to a downstream site under the local primary of the link keyset (see traffic.py)."""
     import asyncio
 
     from keybroker.client.keyring import KekSource
