@@ -175,12 +175,28 @@ def _to_plain(value: object) -> object:
     return value
 
 
-def _from_plain(cls: type[_M], body: dict[str, Any]) -> _M:
+_SCHEMAS: dict[object, tuple[dict[str, Any], frozenset[str]]] = {}
+
+
+def _schema(cls: type[Message]) -> tuple[dict[str, Any], frozenset[str]]:
+    """The resolved field types and init-field names of a message class.
+
+    ``typing.get_type_hints`` re-evaluates every annotation string on each call;
+    message classes are immutable once defined, so resolve them once.
+    """
+    known = _SCHEMAS.get(cls)
+    if known is not None:
+        return known
     if not dataclasses.is_dataclass(cls):
         raise LocalProtocolError(f"{cls.__name__} is not a dataclass")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    if set(body) != fields:
+    fields = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+    return _SCHEMAS.setdefault(cls, (hints, fields))
+
+
+def _from_plain(cls: type[_M], body: dict[str, Any]) -> _M:
+    hints, fields = _schema(cls)
+    if body.keys() != fields:
         raise DecodeError(f"{cls.LABEL}: unexpected or missing fields")
     kwargs = {name: _coerce(hints[name], body[name], f"{cls.LABEL}.{name}") for name in fields}
     return cls(**kwargs)

@@ -557,7 +557,12 @@ def ack_many(
         with ctx.store.transaction() as conn:
             rows = _rows_for_update(conn, sorted({did for _, did, _, _ in checked}))
             events: list[Event] = []
-            keysets_: dict[str, Keyset] = {}
+            # Every keyset a pending ack needs, in a few queries rather than one per keyset.
+            wanted = {r.keyset_name for r in rows.values() if r.state == SENT}
+            keysets_: dict[str, Keyset] = {
+                name: stored.keyset
+                for name, stored in ctx.keysets.load_many(wanted, conn=conn).items()
+            }
             acked: list[dict[str, Any]] = []
             for i, did, pid, proof in checked:
                 results[i] = _ack_one(

@@ -13,10 +13,11 @@ revision cannot both save, the second gets :class:`~keybroker.errors.Conflict`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -34,6 +35,10 @@ class StoredKeyset:
     keyset: Keyset
     id: str
     revision: int
+    #: Each stored version's state at that revision. Saving compares against this
+    #: instead of reading the rows again: the compare-and-set on ``revision`` proves
+    #: nobody changed them since.
+    stored_states: Mapping[int, str] = field(repr=False)
 
 
 class KeysetRepository:
@@ -74,42 +79,52 @@ class KeysetRepository:
                     updated_at=now,
                 )
             )
-            rows = [self._row(keyset_id, w, now) for w in keyset.wrapped_versions(self._kek)]
-            if rows:
-                tx.execute(key_versions.insert(), rows)
-        return StoredKeyset(keyset, keyset_id, 1)
+            wrapped = list(keyset.wrapped_versions(self._kek))
+            if wrapped:
+                tx.execute(key_versions.insert(), [self._row(keyset_id, w, now) for w in wrapped])
+        states = {w.version: KeyState(w.state).value for w in wrapped}
+        return StoredKeyset(keyset, keyset_id, 1, states)
 
     def load(self, name: str, *, conn: Connection | None = None) -> StoredKeyset:
         """The keyset called ``name``; :class:`NotFound` if there is none."""
+        found = self.load_many([name], conn=conn)
+        if name not in found:
+            raise NotFound(f"no keyset {name!r}")
+        return found[name]
+
+    def load_many(
+        self, names: Iterable[str], *, conn: Connection | None = None
+    ) -> dict[str, StoredKeyset]:
+        """Each of ``names`` that exists, by name, in two queries per 500 names."""
+        wanted = sorted(set(names))
+        found: dict[str, StoredKeyset] = {}
         with self._tx(conn) as tx:
-            head = tx.execute(
-                sa.select(keysets.c.id, keysets.c.purpose, keysets.c.revision).where(
-                    keysets.c.name == name
-                )
-            ).first()
-            if head is None:
-                raise NotFound(f"no keyset {name!r}")
-            rows = tx.execute(
-                sa.select(key_versions)
-                .where(key_versions.c.keyset_id == head.id)
-                .order_by(key_versions.c.version)
-            ).all()
-        wrapped = [
-            WrappedVersion(
-                version=r.version,
-                key_id=r.key_id,
-                state=KeyState(r.state),
-                template=r.template,
-                public_key=r.public_key,
-                wrapped_material=r.wrapped_material,
-                kek_id=r.kek_id,
-                created_at=r.created_at,
-                state_changed_at=r.state_changed_at,
-            )
-            for r in rows
-        ]
-        keyset = Keyset.from_wrapped(name, head.purpose, wrapped, self._kek)
-        return StoredKeyset(keyset, head.id, head.revision)
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                heads = tx.execute(_HEADS, {"names": part}).all()
+                if not heads:
+                    continue
+                versions: dict[str, list[WrappedVersion]] = {h.id: [] for h in heads}
+                for r in tx.execute(_VERSIONS, {"ids": list(versions)}):
+                    versions[r.keyset_id].append(
+                        WrappedVersion(
+                            version=r.version,
+                            key_id=r.key_id,
+                            state=KeyState(r.state),
+                            template=r.template,
+                            public_key=r.public_key,
+                            wrapped_material=r.wrapped_material,
+                            kek_id=r.kek_id,
+                            created_at=r.created_at,
+                            state_changed_at=r.state_changed_at,
+                        )
+                    )
+                for head in heads:
+                    wrapped = versions[head.id]
+                    keyset = Keyset.from_wrapped(head.name, head.purpose, wrapped, self._kek)
+                    states = {w.version: KeyState(w.state).value for w in wrapped}
+                    found[head.name] = StoredKeyset(keyset, head.id, head.revision, states)
+        return found
 
     def save(self, stored: StoredKeyset, *, conn: Connection | None = None) -> StoredKeyset:
         """Write the keyset's changes since it was loaded; :class:`Conflict` if someone else
@@ -128,15 +143,10 @@ class KeysetRepository:
             )
             if bumped.rowcount != 1:
                 raise Conflict(f"keyset {keyset.name!r} was changed by someone else; reload it")
-            existing = {
-                r.version: r.state
-                for r in tx.execute(
-                    sa.select(key_versions.c.version, key_versions.c.state).where(
-                        key_versions.c.keyset_id == stored.id
-                    )
-                )
-            }
+            existing = dict(stored.stored_states)
+            states: dict[int, str] = {}
             for info in keyset.versions:
+                states[info.version] = info.state.value
                 if info.version not in existing:
                     wrapped = keyset.wrap_version(info.version, self._kek)
                     tx.execute(key_versions.insert().values(**self._row(stored.id, wrapped, now)))
@@ -155,7 +165,7 @@ class KeysetRepository:
                         )
                         .values(**values)
                     )
-        return StoredKeyset(keyset, stored.id, stored.revision + 1)
+        return StoredKeyset(keyset, stored.id, stored.revision + 1, states)
 
     def names(self, *, conn: Connection | None = None) -> list[str]:
         with self._tx(conn) as tx:
@@ -174,6 +184,16 @@ class KeysetRepository:
             "created_at": w.created_at or now,
             "state_changed_at": w.state_changed_at or now,
         }
+
+
+_HEADS: Final = sa.select(
+    keysets.c.name, keysets.c.id, keysets.c.purpose, keysets.c.revision
+).where(keysets.c.name.in_(sa.bindparam("names", expanding=True)))
+_VERSIONS: Final = (
+    sa.select(key_versions)
+    .where(key_versions.c.keyset_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(key_versions.c.keyset_id, key_versions.c.version)
+)
 
 
 def _template_of(keyset: Keyset) -> str:

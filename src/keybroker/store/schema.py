@@ -206,6 +206,9 @@ deliveries = Table(
     CheckConstraint(_in("state", DELIVERY_STATES), name="state"),
     Index(None, "principal_id", "state"),
     Index(None, "state", "expires_at"),
+    # Every delivery of one key version in a state (0005): disabling a version fails
+    # its outstanding deliveries, and a rollout asks whether one is already on its way.
+    Index(None, "keyset_id", "version", "state"),
 )
 
 log_leaves = Table(

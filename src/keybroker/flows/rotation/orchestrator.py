@@ -405,6 +405,7 @@ class Orchestrator:
             for row in rows:
                 step = advance(_record(row), Input.ABORT, to_ms(now), _policy(rollout), self._rng)
                 events += self._apply(batch, rollout_id, row, step, StepReport())
+            batch.flush_links()
             events.append(self._set_rollout(conn, rollout_id, ABORTED, "aborted by operator", now))
             record(ctx, conn, events)
         self._settle_rollouts(now)
@@ -443,6 +444,7 @@ class Orchestrator:
             for row in rows:
                 step = advance(_record(row), Input.RETRY, to_ms(now), policy, self._rng)
                 events += self._apply(batch, rollout_id, row, step, StepReport())
+            batch.flush_links()
             conn.execute(
                 rotation_rollouts.update()
                 .where(rotation_rollouts.c.id == rollout_id)
@@ -599,13 +601,16 @@ class Orchestrator:
                 ):
                     continue  # a halted or aborted rollout starts nothing new
                 events += self._step_link(batch, row, event, reason, policy, report)
+            batch.flush_links()
             record(ctx, conn, events)
         return len(ids)
 
     def _batch_for(self, conn: Connection, now: datetime, rows: Sequence[Any]) -> _Batch:
         """A :class:`_Batch` over ``rows``' keysets (locked) and their ends' checks."""
         batch = _Batch(self._ctx, conn, now, self._keysets)
-        batch.lock_keysets(sorted({row.keyset for row in rows}))
+        names = sorted({row.keyset for row in rows})
+        batch.lock_keysets(names)
+        batch.preload(names)
         # Deliveries are made from PENDING (to the site) and ACKED_DOWNSTREAM (to the node);
         # a delivery to anyone not read here is checked by deliver_in itself.
         ends: list[tuple[PrincipalId, str]] = []
@@ -715,8 +720,7 @@ class Orchestrator:
             ) in (KeyState.PENDING, KeyState.ENABLED):
                 _, more = batch.change(link.keyset, disable_step(action.version))
                 events += more
-        updated = conn.execute(
-            _LINK_UPDATE,
+        batch.update_link(
             {
                 "b_id": row.id,
                 "b_seq": row.seq,
@@ -727,10 +731,8 @@ class Orchestrator:
                 "b_next_at": from_ms(after.next_at_ms),
                 "b_reason": _clip(after.reason),
                 "b_updated_at": now,
-            },
+            }
         )
-        if updated.rowcount != 1:
-            raise Conflict("the link was changed concurrently")
         if after.state in TERMINAL:
             batch.release(link.keyset)  # a finished link's keyset is not kept unwrapped
         report.steps += 1
@@ -822,6 +824,7 @@ class Orchestrator:
         for row in rows:
             step = advance(_record(row), Input.ABORT, to_ms(now), policy, self._rng, reason=why)
             events += self._apply(batch, rollout.id, row, step, StepReport())
+        batch.flush_links()
         return events
 
     def _set_rollout(
@@ -892,6 +895,24 @@ class _Batch:
         self._heads: dict[str, tuple[str, int]] = {}
         self._holders: dict[tuple[PrincipalId, str], Holder] = {}
         self._postgres = ctx.store.dialect == "postgresql"
+        self._link_updates: list[dict[str, Any]] = []
+
+    def update_link(self, values: dict[str, Any]) -> None:
+        """Queue one link record's compare-and-set write; :meth:`flush_links` does them all."""
+        self._link_updates.append(values)
+
+    def flush_links(self) -> None:
+        """Write the queued link records in one statement; :class:`Conflict` (the whole
+        batch rolls back) if any of them was changed since it was read."""
+        updates, self._link_updates = self._link_updates, []
+        if not updates:
+            return
+        if self.conn.dialect.supports_sane_multi_rowcount:
+            written = self.conn.execute(_LINK_UPDATE, updates).rowcount
+        else:
+            written = sum(self.conn.execute(_LINK_UPDATE, u).rowcount for u in updates)
+        if written != len(updates):
+            raise Conflict("a link was changed concurrently")
 
     def lock_keysets(self, names: list[str]) -> None:
         for start in range(0, len(names), 500):
@@ -903,6 +924,18 @@ class _Batch:
             self._heads.update(
                 (name, (ident, rev)) for name, ident, rev in self.conn.execute(query)
             )
+
+    def preload(self, names: Iterable[str]) -> None:
+        """Load, in a few queries, each keyset of ``names`` not already held at its revision."""
+        stale = []
+        for name in names:
+            held = self._cache.get(name)
+            head = self._heads.get(name)
+            if head is not None and (held is None or head != (held.id, held.revision)):
+                stale.append(name)
+        for name, stored in self.ctx.keysets.load_many(stale, conn=self.conn).items():
+            self._cache[name] = stored
+            self._heads[name] = (stored.id, stored.revision)
 
     def read_holders(self, pairs: list[tuple[PrincipalId, str]]) -> None:
         self._holders.update(holders_in(self.conn, pairs, lock=self._postgres))
