@@ -1,0 +1,229 @@
+"""Fuzzing the key-server protocol: a peer's bytes may only ever raise RemoteProtocolError.
+
+Random bytes, and near-valid frames (valid frames with flipped bytes, truncations,
+extensions, rewritten lengths, or TLV items assembled from plausible pieces), go
+into both decoders and both connections. The decoders either return a message
+that survives a round trip or raise :class:`RemoteProtocolError` carrying a real
+:class:`ErrorCode`. The server never raises at all: it reports events, and every
+event it reports can be answered through ``send_response``.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keybroker.errors import RemoteProtocolError
+from keybroker.flows.keyless.codes import ErrorCode, Op, Tag
+from keybroker.flows.keyless.protocol import (
+    MAX_ID,
+    REQUEST_OPS,
+    BadRequest,
+    ClientConnection,
+    ConnectionBroken,
+    Request,
+    RequestReceived,
+    Response,
+    ServerConnection,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
+
+FUZZ = settings(max_examples=500, deadline=None)
+#: Connections take a few frames per example.
+FUZZ_CONNECTIONS = settings(max_examples=300, deadline=None)
+
+# -- valid messages ---------------------------------------------------------------------------
+
+ips = st.one_of(
+    st.builds(IPv4Address, st.integers(0, 2**32 - 1)),
+    st.builds(IPv6Address, st.integers(0, 2**128 - 1)),
+)
+requests = st.builds(
+    Request,
+    id=st.integers(0, MAX_ID),
+    op=st.sampled_from(sorted(REQUEST_OPS)),
+    ski=st.none() | st.binary(min_size=20, max_size=20),
+    sni=st.none() | st.from_regex(r"[a-z0-9-]{1,10}(\.[a-z0-9_-]{1,10}){0,2}", fullmatch=True),
+    client_ip=st.none() | ips,
+    server_ip=st.none() | ips,
+    cert_id=st.none() | st.from_regex(r"[\x21-\x7e]{1,20}", fullmatch=True),
+    payload=st.binary(max_size=600),
+)
+# Ids 0..3 so that the client below has them outstanding.
+responses = st.one_of(
+    st.builds(Response.ok, st.integers(0, 3), st.binary(max_size=300)),
+    st.builds(Response.pong, st.integers(0, 3), st.binary(max_size=8)),
+    st.builds(Response.error, st.integers(0, 3), st.sampled_from(ErrorCode)),
+)
+
+# -- near-valid frames ------------------------------------------------------------------------
+
+
+@st.composite
+def mutated(draw: st.DrawFn, frames: st.SearchStrategy[bytes]) -> bytes:
+    """A valid frame, then a few flips, truncations, extensions or length rewrites."""
+    frame = bytearray(draw(frames))
+    for _ in range(draw(st.integers(1, 4))):
+        kinds = ["flip", "flip", "set", "set", "truncate", "extend", "length", "version"]
+        kind = draw(st.sampled_from(kinds))
+        if kind in ("flip", "set") and frame:
+            at = draw(st.integers(0, len(frame) - 1))
+            if kind == "flip":
+                frame[at] ^= 1 << draw(st.integers(0, 7))
+            else:
+                frame[at] = draw(st.integers(0, 255))
+        elif kind == "truncate":
+            del frame[draw(st.integers(0, len(frame))) :]
+        elif kind == "extend":
+            frame += draw(st.binary(min_size=1, max_size=20))
+        elif kind == "length" and len(frame) >= 4:
+            frame[2:4] = draw(st.integers(0, 0xFFFF)).to_bytes(2, "big")
+        elif kind == "version" and frame:
+            frame[0] = draw(st.integers(0, 3))
+    return bytes(frame)
+
+
+@st.composite
+def assembled(draw: st.DrawFn) -> bytes:
+    """A header that is usually right and TLV items made of plausible pieces."""
+    tags = draw(st.lists(st.sampled_from([*Tag, 0x00, 0x99, 0xFF]), max_size=6))
+    if draw(st.integers(0, 4)):  # usually an opcode somewhere
+        tags.insert(draw(st.integers(0, len(tags))), Tag.OPCODE)
+    items = b""
+    for tag in tags:
+        if tag == Tag.OPCODE:
+            data = bytes([draw(st.sampled_from([*Op, 0x00, 0x42]))])
+        else:
+            data = draw(st.sampled_from([b"", bytes(4), bytes(16), bytes(20), b"a.example"]))
+            data = draw(st.just(data) | st.binary(max_size=24))
+        # the declared length is usually right
+        declared = len(data) if draw(st.integers(0, 7)) else draw(st.integers(0, 40))
+        items += bytes([tag]) + declared.to_bytes(2, "big") + data
+    return draw(framed(st.just(items)))
+
+
+def framed(bodies: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
+    """A header that is usually right (ids 0..3) in front of ``bodies``."""
+
+    def frame(major: int, minor: int, frame_id: int, body: bytes) -> bytes:
+        return (
+            bytes([major, minor])
+            + len(body).to_bytes(2, "big")
+            + frame_id.to_bytes(4, "big")
+            + body
+        )
+
+    majors = st.sampled_from([1, 1, 1, 1, 1, 0, 2, 255])
+    return st.builds(frame, majors, st.integers(0, 255), st.integers(0, 3), bodies)
+
+
+request_like = st.one_of(
+    st.binary(max_size=1100),
+    framed(st.binary(max_size=60)),
+    mutated(requests.map(encode_request)),
+    assembled(),
+)
+response_like = st.one_of(
+    st.binary(max_size=400),
+    framed(st.binary(max_size=60)),
+    mutated(responses.map(encode_response)),
+    assembled(),
+)
+
+
+def check_remote_error(exc: RemoteProtocolError) -> None:
+    assert exc.code in set(ErrorCode), exc
+
+
+# -- decoders ---------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(request_like)
+def test_decode_request_raises_only_remote_protocol_errors(frame: bytes) -> None:
+    try:
+        request = decode_request(frame)
+    except RemoteProtocolError as exc:
+        check_remote_error(exc)
+    else:
+        assert isinstance(request, Request)
+        assert decode_request(encode_request(request)) == request
+
+
+@FUZZ
+@given(response_like)
+def test_decode_response_raises_only_remote_protocol_errors(frame: bytes) -> None:
+    try:
+        response = decode_response(frame)
+    except RemoteProtocolError as exc:
+        check_remote_error(exc)
+    else:
+        assert isinstance(response, Response)
+        assert decode_response(encode_response(response)) == response
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+def answer(event: RequestReceived | BadRequest | ConnectionBroken) -> Response:
+    if isinstance(event, RequestReceived):
+        request = event.request
+        if request.op is Op.PING:
+            return Response.pong(request.id, request.payload)
+        return Response.ok(request.id, b"result")
+    return event.reply()
+
+
+@FUZZ_CONNECTIONS
+@given(
+    chunks=st.lists(request_like, max_size=4),
+    max_pending=st.integers(1, 3),
+    answer_as_we_go=st.booleans(),
+)
+def test_server_reports_only_events_and_every_event_can_be_answered(
+    chunks: list[bytes], max_pending: int, answer_as_we_go: bool
+) -> None:
+    server = ServerConnection(max_pending=max_pending)
+    unanswered: list[Response] = []
+    for chunk in chunks:
+        if server.broken:
+            break
+        events = server.receive_data(chunk)
+        assert all(isinstance(e, RequestReceived | BadRequest | ConnectionBroken) for e in events)
+        assert not any(isinstance(e, ConnectionBroken) for e in events[:-1])
+        assert server.buffered < 8 + 4096
+        unanswered += [answer(event) for event in events]
+        if answer_as_we_go:
+            for response in unanswered:
+                assert server.send_response(response)
+            unanswered = []
+            assert server.pending == 0
+    for response in unanswered:
+        assert server.send_response(response)
+    assert server.pending == 0
+
+
+@FUZZ_CONNECTIONS
+@given(chunks=st.lists(response_like, max_size=4))
+def test_client_raises_only_remote_protocol_errors(chunks: list[bytes]) -> None:
+    client = ClientConnection()
+    client.ping(b"p")
+    for _ in range(3):
+        client.send_request(Op.ECDSA_SIGN_SHA256, ski=bytes(20), payload=b"digest")
+    received: list[Response] = []
+    try:
+        for chunk in chunks:
+            received += client.receive_data(chunk)
+    except RemoteProtocolError as exc:
+        check_remote_error(exc)
+        assert client.broken
+    else:
+        assert not client.broken
+        assert all(isinstance(r, Response) for r in received)
+        # each response answered a different outstanding request
+        assert len({r.id for r in received}) == len(received) == 4 - client.pending
