@@ -161,3 +161,37 @@ def test_a_second_rollout_over_busy_links_is_refused(rig: Bench) -> None:
     fleet.orchestrator.start(fleet.topology, POLICY)
     with pytest.raises(Conflict):
         fleet.orchestrator.start(fleet.topology, POLICY)
+
+
+def test_a_delivery_the_broker_refuses_fails_that_link_alone(rig: Bench) -> None:
+    # The site lost its hold grant before the rollout: the broker refuses to deliver it
+    # the new version. The batch is stepped without savepoints first, so this refusal
+    # rolls it back and it is done again link by link; the other links must move as if
+    # nothing happened, and the refused one must keep its old key.
+    fleet = _fleet(rig)
+    refused = fleet.topology.links[2]
+    rig.broker.revoke_grant(refused.downstream, refused.keyset, "hold")
+    rollout = fleet.orchestrator.start(fleet.topology, POLICY)
+    _run(fleet, rig)
+    status = fleet.orchestrator.status(rollout)
+    by_name = {link.name: link for link in status.links}
+    failed = by_name[refused.name]
+    assert failed.state is LinkState.FAILED_KEEP_OLD
+    assert failed.version_in_use == 1 and "grant" in (failed.reason or "")
+    node, site = fleet.ends(refused)
+    assert not node.holds(refused.keyset, 2) and not site.holds(refused.keyset, 2)
+    assert site.open(refused.keyset, node.seal(refused.keyset, b"old")) == b"old"
+    others = [link for link in status.links if link.name != refused.name]
+    assert others and all(link.state is LinkState.RETIRED_OLD for link in others)
+    # Each link's steps are in the log once each, in order: the rolled-back first pass
+    # left nothing behind.
+    seqs: dict[str, list[int]] = {}
+    for entry in rig.home.log.entries(0, rig.home.log.size()):
+        try:
+            event = decode_rotation_event(entry)
+        except Exception:
+            continue
+        if isinstance(event, LinkStepped) and event.rollout_id == rollout:
+            seqs.setdefault(event.link, []).append(event.seq)
+    assert set(seqs) == {link.name for link in fleet.topology.links}
+    assert all(s == list(range(1, len(s) + 1)) for s in seqs.values())
