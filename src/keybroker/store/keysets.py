@@ -133,37 +133,33 @@ class KeysetRepository:
         now = self._clock()
         with self._tx(conn) as tx:
             bumped = tx.execute(
-                keysets.update()
-                .where(keysets.c.id == stored.id, keysets.c.revision == stored.revision)
-                .values(
-                    revision=stored.revision + 1,
-                    updated_at=now,
-                    template=_template_of(keyset),
-                )
+                _BUMP,
+                {
+                    "b_id": stored.id,
+                    "b_revision": stored.revision,
+                    "b_next": stored.revision + 1,
+                    "b_now": now,
+                    "b_template": _template_of(keyset),
+                },
             )
             if bumped.rowcount != 1:
                 raise Conflict(f"keyset {keyset.name!r} was changed by someone else; reload it")
-            existing = dict(stored.stored_states)
+            existing = stored.stored_states
             states: dict[int, str] = {}
             for info in keyset.versions:
                 states[info.version] = info.state.value
                 if info.version not in existing:
                     wrapped = keyset.wrap_version(info.version, self._kek)
-                    tx.execute(key_versions.insert().values(**self._row(stored.id, wrapped, now)))
+                    tx.execute(_INSERT_VERSION, self._row(stored.id, wrapped, now))
                 elif existing[info.version] != info.state.value:
-                    values: dict[str, object] = {
-                        "state": info.state.value,
-                        "state_changed_at": info.state_changed_at or now,
-                    }
-                    if info.state is KeyState.DESTROYED:
-                        values["wrapped_material"] = None
                     tx.execute(
-                        key_versions.update()
-                        .where(
-                            key_versions.c.keyset_id == stored.id,
-                            key_versions.c.version == info.version,
-                        )
-                        .values(**values)
+                        _DESTROY if info.state is KeyState.DESTROYED else _SET_STATE,
+                        {
+                            "b_keyset": stored.id,
+                            "b_version": info.version,
+                            "b_state": info.state.value,
+                            "b_changed": info.state_changed_at or now,
+                        },
                     )
         return StoredKeyset(keyset, stored.id, stored.revision + 1, states)
 
@@ -186,6 +182,30 @@ class KeysetRepository:
         }
 
 
+# Built once: constructing a statement costs more than executing it on SQLite.
+_BUMP: Final = (
+    keysets.update()
+    .where(
+        keysets.c.id == sa.bindparam("b_id"),
+        keysets.c.revision == sa.bindparam("b_revision"),
+    )
+    .values(
+        revision=sa.bindparam("b_next"),
+        updated_at=sa.bindparam("b_now"),
+        template=sa.bindparam("b_template"),
+    )
+)
+_INSERT_VERSION: Final = key_versions.insert()
+_SET_STATE: Final = (
+    key_versions.update()
+    .where(
+        key_versions.c.keyset_id == sa.bindparam("b_keyset"),
+        key_versions.c.version == sa.bindparam("b_version"),
+    )
+    .values(state=sa.bindparam("b_state"), state_changed_at=sa.bindparam("b_changed"))
+)
+#: A destroyed version's material is overwritten with NULL in the same statement.
+_DESTROY: Final = _SET_STATE.values(wrapped_material=None)
 _HEADS: Final = sa.select(
     keysets.c.name, keysets.c.id, keysets.c.purpose, keysets.c.revision
 ).where(keysets.c.name.in_(sa.bindparam("names", expanding=True)))
