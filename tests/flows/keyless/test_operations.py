@@ -504,3 +504,17 @@ def test_process_pool_with_init_worker() -> None:
         with pytest.raises(KeyOperationError) as info:
             wrong.result()
         assert info.value.code is ErrorCode.UNEXPECTED_OPCODE
+
+
+def test_every_keyless_error_is_constructible_from_its_message_alone() -> None:
+    # The HTTP client builds each class of the error tree from a message alone to map
+    # problem types back to classes; a keyless error must not break that.
+    import importlib
+
+    from keybroker.flows.keyless.tlskeys import KeyOperationFailed
+
+    http = importlib.reload(importlib.import_module("keybroker.client._http"))
+    for cls in (KeyOperationError, KeyOperationFailed):
+        error = cls("refused")
+        assert str(error) == "refused"
+        assert issubclass(cls, http._PROBLEMS[error.type_uri])

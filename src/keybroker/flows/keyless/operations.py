@@ -126,7 +126,9 @@ class KeyOperationError(ProtocolError):
     problem = "protocol/keyless-key-operation"
     code: ErrorCode
 
-    def __init__(self, message: str, *, code: ErrorCode) -> None:
+    # ``code`` has a default because every class of the tree must be constructible
+    # from its message alone (the HTTP client maps problem types back to classes).
+    def __init__(self, message: str, *, code: ErrorCode = ErrorCode.INTERNAL) -> None:
         super().__init__(message, code=code)
         self.code = ErrorCode(code)
 
