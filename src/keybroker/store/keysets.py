@@ -13,7 +13,7 @@ revision cannot both save, the second gets :class:`~keybroker.errors.Conflict`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,7 +22,7 @@ from typing import Final
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from keybroker.errors import Conflict, NotFound
+from keybroker.errors import Conflict, LocalProtocolError, NotFound
 from keybroker.keys import KeyEncryptionKey, Keyset, KeyState, WrappedVersion
 from keybroker.store.engine import Store
 from keybroker.store.schema import key_versions, keysets
@@ -129,39 +129,66 @@ class KeysetRepository:
     def save(self, stored: StoredKeyset, *, conn: Connection | None = None) -> StoredKeyset:
         """Write the keyset's changes since it was loaded; :class:`Conflict` if someone else
         saved it in between."""
-        keyset = stored.keyset
+        return self.save_many([stored], conn=conn)[0]
+
+    def save_many(
+        self, changed: Sequence[StoredKeyset], *, conn: Connection | None = None
+    ) -> list[StoredKeyset]:
+        """:meth:`save` for several keysets (each at most once), one statement per kind
+        of write; :class:`Conflict` if any of them was saved by someone else."""
+        if not changed:
+            return []
+        if len({c.id for c in changed}) != len(changed):
+            raise LocalProtocolError("save_many: a keyset is named twice")
         now = self._clock()
-        with self._tx(conn) as tx:
-            bumped = tx.execute(
-                _BUMP,
+        bumps: list[dict[str, object]] = []
+        inserts: list[dict[str, object]] = []
+        moves: list[dict[str, object]] = []
+        destroys: list[dict[str, object]] = []
+        saved: list[StoredKeyset] = []
+        for stored in changed:
+            keyset, existing = stored.keyset, stored.stored_states
+            bumps.append(
                 {
                     "b_id": stored.id,
                     "b_revision": stored.revision,
                     "b_next": stored.revision + 1,
                     "b_now": now,
                     "b_template": _template_of(keyset),
-                },
+                }
             )
-            if bumped.rowcount != 1:
-                raise Conflict(f"keyset {keyset.name!r} was changed by someone else; reload it")
-            existing = stored.stored_states
             states: dict[int, str] = {}
             for info in keyset.versions:
                 states[info.version] = info.state.value
                 if info.version not in existing:
                     wrapped = keyset.wrap_version(info.version, self._kek)
-                    tx.execute(_INSERT_VERSION, self._row(stored.id, wrapped, now))
+                    inserts.append(self._row(stored.id, wrapped, now))
                 elif existing[info.version] != info.state.value:
-                    tx.execute(
-                        _DESTROY if info.state is KeyState.DESTROYED else _SET_STATE,
+                    (destroys if info.state is KeyState.DESTROYED else moves).append(
                         {
                             "b_keyset": stored.id,
                             "b_version": info.version,
                             "b_state": info.state.value,
                             "b_changed": info.state_changed_at or now,
-                        },
+                        }
                     )
-        return StoredKeyset(keyset, stored.id, stored.revision + 1, states)
+            saved.append(StoredKeyset(keyset, stored.id, stored.revision + 1, states))
+        with self._tx(conn) as tx:
+            if tx.dialect.supports_sane_multi_rowcount or len(bumps) == 1:
+                bumped = tx.execute(_BUMP, bumps).rowcount
+            else:
+                bumped = sum(tx.execute(_BUMP, b).rowcount for b in bumps)
+            if bumped != len(bumps):
+                names = ", ".join(repr(c.keyset.name) for c in changed[:3])
+                raise Conflict(f"keyset {names} was changed by someone else; reload it")
+            for statement, rows in (
+                (_INSERT_VERSION, inserts),
+                (_SET_STATE, moves),
+                (_DESTROY, destroys),
+            ):
+                if rows:
+                    tx.execute(statement, rows)
+        return saved
 
     def names(self, *, conn: Connection | None = None) -> list[str]:
         with self._tx(conn) as tx:

@@ -405,7 +405,7 @@ class Orchestrator:
             for row in rows:
                 step = advance(_record(row), Input.ABORT, to_ms(now), _policy(rollout), self._rng)
                 events += self._apply(batch, rollout_id, row, step, StepReport())
-            batch.flush_links()
+            batch.flush()
             events.append(self._set_rollout(conn, rollout_id, ABORTED, "aborted by operator", now))
             record(ctx, conn, events)
         self._settle_rollouts(now)
@@ -444,7 +444,7 @@ class Orchestrator:
             for row in rows:
                 step = advance(_record(row), Input.RETRY, to_ms(now), policy, self._rng)
                 events += self._apply(batch, rollout_id, row, step, StepReport())
-            batch.flush_links()
+            batch.flush()
             conn.execute(
                 rotation_rollouts.update()
                 .where(rotation_rollouts.c.id == rollout_id)
@@ -603,7 +603,9 @@ class Orchestrator:
             ).all()
             # Locks in the order every other writer takes them: keysets, then principals and
             # grants, then deliveries (see _Batch).
-            batch = self._batch_for(conn, now, rows)
+            # Savepoints (careful) and deferred writes do not mix: a savepoint would
+            # undo a link's writes but not its queued ones.
+            batch = self._batch_for(conn, now, rows, defer=not careful)
             outcome = self._observe(conn, [r.delivery_id for r in rows if r.delivery_id])
             events: list[Event] = []
             policies: dict[bytes, RolloutPolicy] = {}
@@ -623,13 +625,15 @@ class Orchestrator:
                 ):
                     continue  # a halted or aborted rollout starts nothing new
                 events += self._step_link(batch, row, event, reason, policy, report, careful)
-            batch.flush_links()
+            batch.flush()
             record(ctx, conn, events)
         return len(ids)
 
-    def _batch_for(self, conn: Connection, now: datetime, rows: Sequence[Any]) -> _Batch:
+    def _batch_for(
+        self, conn: Connection, now: datetime, rows: Sequence[Any], *, defer: bool = True
+    ) -> _Batch:
         """A :class:`_Batch` over ``rows``' keysets (locked) and their ends' checks."""
-        batch = _Batch(self._ctx, conn, now, self._keysets)
+        batch = _Batch(self._ctx, conn, now, self._keysets, defer=defer)
         names = sorted({row.keyset for row in rows})
         batch.lock_keysets(names)
         batch.preload(names)
@@ -854,7 +858,7 @@ class Orchestrator:
         for row in rows:
             step = advance(_record(row), Input.ABORT, to_ms(now), policy, self._rng, reason=why)
             events += self._apply(batch, rollout.id, row, step, StepReport())
-        batch.flush_links()
+        batch.flush()
         return events
 
     def _set_rollout(
@@ -923,6 +927,8 @@ class _Batch:
         conn: Connection,
         now: datetime,
         cache: dict[str, StoredKeyset],
+        *,
+        defer: bool = False,
     ) -> None:
         self.ctx, self.conn, self.now = ctx, conn, now
         self._cache = cache
@@ -930,14 +936,24 @@ class _Batch:
         self._holders: dict[tuple[PrincipalId, str], Holder] = {}
         self._postgres = ctx.store.dialect == "postgresql"
         self._link_updates: list[dict[str, Any]] = []
+        #: Keysets changed in memory and not yet saved (deferred mode only).
+        self._dirty: dict[str, StoredKeyset] = {}
+        self._defer = defer
 
     def update_link(self, values: dict[str, Any]) -> None:
-        """Queue one link record's compare-and-set write; :meth:`flush_links` does them all."""
+        """Queue one link record's compare-and-set write; :meth:`flush` does them all."""
         self._link_updates.append(values)
 
-    def flush_links(self) -> None:
-        """Write the queued link records in one statement; :class:`Conflict` (the whole
-        batch rolls back) if any of them was changed since it was read."""
+    def flush(self) -> None:
+        """Write the deferred keyset changes and the queued link records, one statement
+        per kind of write; :class:`Conflict` (the whole batch rolls back) if any of
+        them was changed since it was read."""
+        dirty, self._dirty = self._dirty, {}
+        for saved in self.ctx.keysets.save_many(list(dirty.values()), conn=self.conn):
+            name = keyset_name(saved.keyset.name)
+            if name in self._cache:  # not released by a finished link
+                self._cache[name] = saved
+            self._heads[name] = (saved.id, saved.revision)
         updates, self._link_updates = self._link_updates, []
         if not updates:
             return
@@ -976,6 +992,9 @@ class _Batch:
 
     def keyset(self, name: str) -> StoredKeyset:
         name = keyset_name(name)
+        dirty = self._dirty.get(name)
+        if dirty is not None:
+            return dirty  # changed in this batch and not saved yet
         held = self._cache.get(name)
         if held is not None and self._heads.get(name) == (held.id, held.revision):
             return held
@@ -995,16 +1014,26 @@ class _Batch:
         return None
 
     def change(self, name: str, step: KeysetStep) -> tuple[KeyVersionInfo, list[Event]]:
-        """:func:`~keybroker.broker.keysets.change_in` on the keyset held."""
+        """:func:`~keybroker.broker.keysets.change_in` on the keyset held.
+
+        Deferred (see :meth:`flush`), the save waits for the end of the batch: the
+        keyset stays held as loaded, changed in memory, and every later use in the
+        batch sees the change; one compare-and-set per keyset then writes them all.
+        """
         stored = self.keyset(name)
         try:
             info, events = step(stored, self.now)
-            saved = self.ctx.keysets.save(stored, conn=self.conn)
+            if self._defer:
+                self._dirty[keyset_name(name)] = stored
+                saved = stored
+            else:
+                saved = self.ctx.keysets.save(stored, conn=self.conn)
         except BaseException:
             self.forget(name)  # the held object may have been changed; the store was not
             raise
-        self._cache[name] = saved
-        self._heads[name] = (saved.id, saved.revision)
+        if saved is not stored:
+            self._cache[keyset_name(name)] = saved
+            self._heads[keyset_name(name)] = (saved.id, saved.revision)
         return info, events + _retire_deliveries(self.conn, saved, info, self.now)
 
     def deliver(
@@ -1022,6 +1051,9 @@ class _Batch:
         """Drop what is held of ``name``: the next use loads it from the store."""
         self._cache.pop(name, None)
         self._heads.pop(name, None)
+        # A deferred change is only ever forgotten on the way to rolling the whole
+        # transaction back (deferred batches have no savepoints).
+        self._dirty.pop(keyset_name(name), None)
 
     def release(self, name: str) -> None:
         """Keep ``name`` for the rest of this batch, but not for later steps."""
