@@ -9,6 +9,7 @@ does the same for deliveries past their deadline.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any
 
@@ -51,23 +52,16 @@ def fail_sent(
     version: int | None = None,
 ) -> list[Event]:
     """Mark every matching ``sent`` delivery ``failed``; return the events to log."""
-    conditions = [deliveries.c.state == SENT]
-    if delivery_id is not None:
-        conditions.append(deliveries.c.id == delivery_id)
-    if principal_id is not None:
-        conditions.append(deliveries.c.principal_id == principal_id)
-    if keyset_id is not None:
-        conditions.append(deliveries.c.keyset_id == keyset_id)
-    if version is not None:
-        conditions.append(deliveries.c.version == version)
-    ids = list(
-        conn.execute(
-            deliveries.update()
-            .where(*conditions)
-            .values(state="failed", completed_at=now, failure_reason=reason)
-            .returning(deliveries.c.id)
-        ).scalars()
-    )
+    given = {
+        "f_id": delivery_id,
+        "f_principal": principal_id,
+        "f_keyset": keyset_id,
+        "f_version": version,
+    }
+    params: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    statement = _fail_statement(frozenset(params))
+    params.update(f_sent=SENT, f_at=now, f_reason=reason)
+    ids = list(conn.execute(statement, params).scalars())
     return [
         DeliveryFailed(
             at_ms=to_ms(now),
@@ -79,6 +73,31 @@ def fail_sent(
         )
         for row in _described(conn, ids)
     ]
+
+
+_FILTERS: dict[str, Any] = {
+    "f_id": deliveries.c.id,
+    "f_principal": deliveries.c.principal_id,
+    "f_keyset": deliveries.c.keyset_id,
+    "f_version": deliveries.c.version,
+}
+
+
+@functools.cache
+def _fail_statement(filters: frozenset[str]) -> Any:
+    """The UPDATE of :func:`fail_sent` for one combination of filters, built once."""
+    conditions = [deliveries.c.state == sa.bindparam("f_sent")]
+    conditions += [_FILTERS[name] == sa.bindparam(name) for name in sorted(filters)]
+    return (
+        deliveries.update()
+        .where(*conditions)
+        .values(
+            state="failed",
+            completed_at=sa.bindparam("f_at"),
+            failure_reason=sa.bindparam("f_reason"),
+        )
+        .returning(deliveries.c.id)
+    )
 
 
 def expire_sent(

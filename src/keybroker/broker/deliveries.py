@@ -291,16 +291,24 @@ def deliver_loaded_in(  # noqa: PLR0917 - deliver_in()'s arguments, read beforeh
     holder: Holder,
     ttl_: timedelta,
     now: datetime,
+    *,
+    new_in_this_transaction: bool = False,
 ) -> tuple[DeliveryEnvelope, list[Event]]:
     """:func:`deliver_in` with the keyset already loaded in this transaction and the
-    principal's checks read by :func:`holders_in`: the same checks, outcome and events."""
+    principal's checks read by :func:`holders_in`: the same checks, outcome and events.
+
+    ``new_in_this_transaction``: the caller added ``version`` in this transaction, so
+    no delivery of it can exist yet and the lookup of one on its way is skipped.
+    """
     name, number = keyset_name(stored.keyset.name), version_number(version)
     if holder.keyset_id != stored.id:
         raise LocalProtocolError("the holder was read for another keyset")
     lifetime = ttl(ttl_, ctx.policy.max_delivery_ttl)
     now = _to_ms_precision(now)
     ctx.store.lock(conn, f"delivery/{holder.principal}/{name}/{number}")
-    return _deliver_checked(ctx, conn, holder, name, number, lifetime, now, lambda: stored)
+    return _deliver_checked(
+        ctx, conn, holder, name, number, lifetime, now, lambda: stored, new_in_this_transaction
+    )
 
 
 def _deliver_checked(  # noqa: PLR0917 - private; deliver_in()'s checked arguments
@@ -312,8 +320,12 @@ def _deliver_checked(  # noqa: PLR0917 - private; deliver_in()'s checked argumen
     lifetime: timedelta,
     now: datetime,
     load: Callable[[], StoredKeyset],
+    unseen: bool = False,
 ) -> tuple[DeliveryEnvelope, list[Event]]:
-    """The rest of :func:`deliver_in`, under its lock (``now`` at millisecond precision)."""
+    """The rest of :func:`deliver_in`, under its lock (``now`` at millisecond precision).
+
+    ``unseen``: the version is new in this transaction; no delivery of it exists.
+    """
     pid = who.principal
     if who.status != ACTIVE or who.hpke_public_key is None:
         raise AuthorizationError(f"{pid} is not an enrolled, active principal")
@@ -322,10 +334,14 @@ def _deliver_checked(  # noqa: PLR0917 - private; deliver_in()'s checked argumen
     what = who.keyset_id
 
     events: list[Event] = []
-    current = conn.execute(
-        _CURRENT,
-        {"principal_row": who.row_id, "keyset_row": what, "number": number, "sent": SENT},
-    ).one_or_none()
+    current = (
+        None
+        if unseen
+        else conn.execute(
+            _CURRENT,
+            {"principal_row": who.row_id, "keyset_row": what, "number": number, "sent": SENT},
+        ).one_or_none()
+    )
     if current is not None:
         if current.expires_at > now:
             return _envelope(current), events

@@ -936,6 +936,8 @@ class _Batch:
         self._holders: dict[tuple[PrincipalId, str], Holder] = {}
         self._postgres = ctx.store.dialect == "postgresql"
         self._link_updates: list[dict[str, Any]] = []
+        #: Versions added in this transaction: nothing can have been delivered of them.
+        self._added: set[tuple[str, int]] = set()
         #: Keysets changed in memory and not yet saved (deferred mode only).
         self._dirty: dict[str, StoredKeyset] = {}
         self._defer = defer
@@ -1021,8 +1023,11 @@ class _Batch:
         batch sees the change; one compare-and-set per keyset then writes them all.
         """
         stored = self.keyset(name)
+        known = {info.version for info in stored.keyset.versions}
         try:
             info, events = step(stored, self.now)
+            if info.version not in known:
+                self._added.add((keyset_name(name), info.version))
             if self._defer:
                 self._dirty[keyset_name(name)] = stored
                 saved = stored
@@ -1045,7 +1050,16 @@ class _Batch:
             # Not read (no such principal or keyset?): deliver_in says what is wrong.
             return deliver_in(self.ctx, self.conn, name, version, to, ttl_, self.now)
         stored = self.keyset(name)
-        return deliver_loaded_in(self.ctx, self.conn, stored, version, holder, ttl_, self.now)
+        return deliver_loaded_in(
+            self.ctx,
+            self.conn,
+            stored,
+            version,
+            holder,
+            ttl_,
+            self.now,
+            new_in_this_transaction=(keyset_name(name), version) in self._added,
+        )
 
     def forget(self, name: str) -> None:
         """Drop what is held of ``name``: the next use loads it from the store."""
@@ -1054,6 +1068,7 @@ class _Batch:
         # A deferred change is only ever forgotten on the way to rolling the whole
         # transaction back (deferred batches have no savepoints).
         self._dirty.pop(keyset_name(name), None)
+        self._added = {(n, v) for n, v in self._added if n != keyset_name(name)}
 
     def release(self, name: str) -> None:
         """Keep ``name`` for the rest of this batch, but not for later steps."""
