@@ -13,6 +13,7 @@ from rich.console import Console
 from keybroker import __version__
 from keybroker.cli import operator
 from keybroker.errors import KeybrokerError
+from keybroker.flows.keyless.edge_cli import edge_command
 from keybroker.flows.rotation.agent_cli import agent_command
 from keybroker.flows.rotation.cli import rotation_app
 from keybroker.store.engine import default_home
@@ -205,6 +206,7 @@ app.add_typer(operator.grant_app, name="grant")
 app.add_typer(operator.delivery_app, name="delivery")
 app.add_typer(operator.log_app, name="log")
 app.command("agent")(agent_command)
+app.command("edge")(edge_command)
 app.add_typer(rotation_app, name="rotation")
 
 

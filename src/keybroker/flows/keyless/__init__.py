@@ -9,5 +9,8 @@ Modules: :mod:`.codes` (tags, opcodes, error codes), :mod:`.protocol` (sans-IO
 framing and connection state), :mod:`.operations` and :mod:`.pkcs11keys` (what
 each opcode does to a key, in-process or in a PKCS#11 token), :mod:`.tlskeys`
 (tlslite-ng key objects that forward every private-key operation), :mod:`.sni`
-(the server name, peeked from the ClientHello before the handshake).
+(the server name, peeked from the ClientHello before the handshake),
+:mod:`.keyclient` (the edge's pipelined mutual-TLS client to key servers),
+:mod:`.edge` (the TLS terminator: SNI routing, session tickets shared by its
+worker processes, HTTP proxying to the origin).
 """
