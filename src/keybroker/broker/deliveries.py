@@ -173,6 +173,12 @@ def deliver(
     return envelope
 
 
+def delivery_lock(principal: PrincipalId, keyset: str, version: int) -> str:
+    """The name of the lock a delivery of ``version`` of ``keyset`` to ``principal`` takes
+    (:meth:`~keybroker.store.engine.Store.lock`), so two cannot both be made."""
+    return f"delivery/{principal}/{keyset_name(keyset)}/{version_number(version)}"
+
+
 def deliver_in(  # noqa: PLR0917 - deliver()'s arguments plus the transaction and its time
     ctx: BrokerContext,
     conn: Connection,
@@ -186,7 +192,7 @@ def deliver_in(  # noqa: PLR0917 - deliver()'s arguments plus the transaction an
     pid, name, number = principal_id(principal), keyset_name(keyset), version_number(version)
     lifetime = ttl(ttl_, ctx.policy.max_delivery_ttl)
     now = _to_ms_precision(now)
-    ctx.store.lock(conn, f"delivery/{pid}/{name}/{number}")
+    ctx.store.lock(conn, delivery_lock(pid, name, number))
     who = require_row(conn, pid)
     if who.status != ACTIVE or who.hpke_public_key is None:
         raise AuthorizationError(f"{pid} is not an enrolled, active principal")
@@ -293,19 +299,23 @@ def deliver_loaded_in(  # noqa: PLR0917 - deliver_in()'s arguments, read beforeh
     now: datetime,
     *,
     new_in_this_transaction: bool = False,
+    locked: bool = False,
 ) -> tuple[DeliveryEnvelope, list[Event]]:
     """:func:`deliver_in` with the keyset already loaded in this transaction and the
     principal's checks read by :func:`holders_in`: the same checks, outcome and events.
 
     ``new_in_this_transaction``: the caller added ``version`` in this transaction, so
-    no delivery of it can exist yet and the lookup of one on its way is skipped.
+    no delivery of it can exist yet and nobody else can see it: neither the lookup
+    of one on its way nor the lock is needed. ``locked``: the caller already holds
+    :func:`delivery_lock` for this delivery (taken with others in one statement).
     """
     name, number = keyset_name(stored.keyset.name), version_number(version)
     if holder.keyset_id != stored.id:
         raise LocalProtocolError("the holder was read for another keyset")
     lifetime = ttl(ttl_, ctx.policy.max_delivery_ttl)
     now = _to_ms_precision(now)
-    ctx.store.lock(conn, f"delivery/{holder.principal}/{name}/{number}")
+    if not (locked or new_in_this_transaction):
+        ctx.store.lock(conn, delivery_lock(holder.principal, name, number))
     return _deliver_checked(
         ctx, conn, holder, name, number, lifetime, now, lambda: stored, new_in_this_transaction
     )

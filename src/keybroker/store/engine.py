@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,11 +98,31 @@ class Store:
         """Serialise writers on ``name`` until the transaction ends (no-op on SQLite,
         where ``BEGIN IMMEDIATE`` already made this the only writer)."""
         if self.dialect == "postgresql":
-            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(name)})
+
+    def lock_many(self, conn: Connection, names: Iterable[str]) -> None:
+        """:meth:`lock` on each of ``names``, in one statement.
+
+        The locks are taken in the order of their keys, so two callers locking
+        overlapping sets cannot deadlock on each other.
+        """
+        if self.dialect != "postgresql":
+            return
+        keys = sorted({_lock_key(name) for name in names})
+        for start in range(0, len(keys), 1000):
+            conn.execute(
+                sa.text(
+                    "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS t(k)"
+                ),
+                {"keys": keys[start : start + 1000]},
+            )
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def _configure_sqlite(engine: Engine) -> None:

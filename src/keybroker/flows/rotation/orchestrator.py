@@ -49,7 +49,14 @@ from sqlalchemy.engine import Connection
 
 from keybroker.broker import Broker, DeliveryEnvelope
 from keybroker.broker._context import BrokerContext, keyset_name, record
-from keybroker.broker.deliveries import Holder, deliver_in, deliver_loaded_in, expire_in, holders_in
+from keybroker.broker.deliveries import (
+    Holder,
+    deliver_in,
+    deliver_loaded_in,
+    delivery_lock,
+    expire_in,
+    holders_in,
+)
 from keybroker.broker.events import Event, from_ms, to_ms
 from keybroker.broker.grants import GrantMode
 from keybroker.broker.keysets import (
@@ -648,6 +655,14 @@ class Orchestrator:
                 ends.append((link.upstream, link.keyset))
         if ends:
             batch.read_holders(ends)
+        # The deliveries of versions that exist already (to the nodes) take their locks
+        # now, together; a version added in this batch needs none (see deliver_loaded_in).
+        batch.lock_deliveries(
+            (link.upstream, row.keyset, row.new_version)
+            for row in rows
+            if row.state == LinkState.ACKED_DOWNSTREAM.value and row.new_version
+            for link in (Link(node=row.node, site=row.site, keyset=row.keyset),)
+        )
         return batch
 
     def _observe(
@@ -936,6 +951,8 @@ class _Batch:
         self._holders: dict[tuple[PrincipalId, str], Holder] = {}
         self._postgres = ctx.store.dialect == "postgresql"
         self._link_updates: list[dict[str, Any]] = []
+        #: Deliveries (principal, keyset, version) whose lock this transaction holds.
+        self._locked: set[tuple[PrincipalId, str, int]] = set()
         #: Versions added in this transaction: nothing can have been delivered of them.
         self._added: set[tuple[str, int]] = set()
         #: Keysets changed in memory and not yet saved (deferred mode only).
@@ -988,6 +1005,14 @@ class _Batch:
         for name, stored in self.ctx.keysets.load_many(stale, conn=self.conn).items():
             self._cache[name] = stored
             self._heads[name] = (stored.id, stored.revision)
+
+    def lock_deliveries(self, which: Iterable[tuple[PrincipalId, str, int]]) -> None:
+        """Take the delivery locks of ``which`` (principal, keyset, version) in one go."""
+        wanted = {(to, keyset_name(name), version) for to, name, version in which}
+        self.ctx.store.lock_many(
+            self.conn, [delivery_lock(to, name, version) for to, name, version in wanted]
+        )
+        self._locked |= wanted
 
     def read_holders(self, pairs: list[tuple[PrincipalId, str]]) -> None:
         self._holders.update(holders_in(self.conn, pairs, lock=self._postgres))
@@ -1059,6 +1084,7 @@ class _Batch:
             ttl_,
             self.now,
             new_in_this_transaction=(keyset_name(name), version) in self._added,
+            locked=(to, keyset_name(name), version) in self._locked,
         )
 
     def forget(self, name: str) -> None:
