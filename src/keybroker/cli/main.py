@@ -14,6 +14,7 @@ from keybroker import __version__
 from keybroker.cli import operator
 from keybroker.errors import KeybrokerError
 from keybroker.flows.keyless.edge_cli import edge_command
+from keybroker.flows.keyless.keyserver_cli import keyserver_command
 from keybroker.flows.rotation.agent_cli import agent_command
 from keybroker.flows.rotation.cli import rotation_app
 from keybroker.store.engine import default_home
@@ -207,6 +208,7 @@ app.add_typer(operator.delivery_app, name="delivery")
 app.add_typer(operator.log_app, name="log")
 app.command("agent")(agent_command)
 app.command("edge")(edge_command)
+app.command("keyserver")(keyserver_command)
 app.add_typer(rotation_app, name="rotation")
 
 

@@ -10,6 +10,8 @@ framing and connection state), :mod:`.operations` and :mod:`.pkcs11keys` (what
 each opcode does to a key, in-process or in a PKCS#11 token), :mod:`.tlskeys`
 (tlslite-ng key objects that forward every private-key operation), :mod:`.sni`
 (the server name, peeked from the ClientHello before the handshake),
+:mod:`.keyserver` and :mod:`.authz` (the key server: mutual TLS, pipelined
+out-of-order replies, per-edge grants, metrics, reload on SIGHUP),
 :mod:`.keyclient` (the edge's pipelined mutual-TLS client to key servers),
 :mod:`.edge` (the TLS terminator: SNI routing, session tickets shared by its
 worker processes, HTTP proxying to the origin).

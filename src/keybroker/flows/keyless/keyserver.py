@@ -1,0 +1,1767 @@
+"""The key server of keyless TLS (``keybroker keyserver``).
+
+Edges connect over mutual TLS and send framed requests (:mod:`.protocol`);
+the key server performs each key operation with a private key it holds and
+answers with the result or an :class:`~.codes.ErrorCode`. Operator's guide:
+``docs/keyless-keyserver.md``.
+
+How a request travels:
+
+1. **Accept.** An ``asyncio`` server (uvloop when the CLI runs it) with an
+   ``ssl.SSLContext`` that requires a client certificate from the broker CA,
+   TLS 1.2 or later. After the handshake the edge's identity is the one
+   ``keybroker://`` URI SAN of its certificate
+   (:func:`~keybroker.pki.validation.principal_of`); a certificate without
+   one is answered ``NOT_AUTHORIZED`` on its first request and dropped.
+2. **Frame.** One :class:`asyncio.Protocol` per connection feeds a sans-IO
+   :class:`~.protocol.ServerConnection`, which bounds outstanding requests
+   (``OVERLOADED``) and frame size (an oversized or wrong-version header is
+   answered and the connection closed). A malformed body is answered with its
+   error code and the connection goes on.
+3. **Admit** (on the event loop). PING is answered at once. A key operation
+   is checked (:func:`~.operations.check_op`), then authorised
+   (:class:`~.authz.Authorizer`) *before* the key is looked up, so an edge
+   learns nothing about keys it was not granted.
+4. **Perform** (off the event loop). Admitted operations are queued and,
+   once per loop iteration, handed to an executor in small batches (a batch
+   per worker at most, at most ``max_batch`` each): a thread pool calling the
+   :class:`KeySource`, or a process pool whose workers hold copies of the
+   keys (:func:`~.operations.init_worker`). Replies are written as each
+   batch completes, so they go out **out of order**; the writes of one loop
+   iteration are coalesced into one TLS write.
+
+**Reload** (:meth:`KeyServer.reload`, SIGHUP in the CLI) builds a new
+*generation* — ``KeySource.reload()``, ``Authorizer.reload()``, the server
+certificate, and for a process pool a new pool — and swaps it in only if all
+of it loads. Every request is bound to the generation current when it
+arrived, so requests in flight finish with the old keys and the old grants;
+the old generation's key source and pool are closed once its last request is
+answered.
+
+**Shutdown** (:meth:`KeyServer.aclose`, SIGTERM/SIGINT): stop accepting, stop
+reading, let in-flight operations finish (up to a grace period), write their
+replies, close.
+
+No payload, result or key byte is ever logged, put in a metric label or shown
+by a ``repr``; keys are named by hex SKI only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import socket
+import ssl
+import stat
+import threading
+import tomllib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol, TypeAlias, cast, runtime_checkable
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from keybroker.errors import (
+    CertificateInvalid,
+    ConfigurationError,
+    IdentityMismatch,
+    KeybrokerError,
+)
+from keybroker.flows.keyless.authz import Authorizer, StaticAuthorizer
+from keybroker.flows.keyless.codes import MAX_PENDING, ErrorCode, Op
+from keybroker.flows.keyless.operations import (
+    KeyOperationError,
+    LocalKeyStore,
+    PrivateKey,
+    check_op,
+    init_worker,
+    key_kind,
+    worker_perform,
+)
+from keybroker.flows.keyless.protocol import (
+    DEFAULT_MAX_FRAME,
+    BadRequest,
+    ConnectionBroken,
+    Request,
+    RequestReceived,
+    Response,
+    ServerConnection,
+)
+from keybroker.pki.principal import PrincipalId
+from keybroker.pki.validation import principal_of
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_METRICS_PORT",
+    "DEFAULT_PIN_ENV",
+    "DEFAULT_POOL",
+    "ExportableKeySource",
+    "KeyServer",
+    "KeyServerConfig",
+    "KeyServerMetrics",
+    "KeyServerSettings",
+    "KeySource",
+    "PemKeySource",
+    "Pkcs11KeySource",
+    "TlsFiles",
+    "build_key_server",
+    "default_workers",
+    "edge_identity",
+    "load_config_file",
+    "parse_address",
+    "perform_batch",
+    "run_keyserver",
+    "server_tls_context",
+]
+
+_log = logging.getLogger("keybroker.keyless.keyserver")
+
+#: Where the key server listens unless told otherwise (gokeyless's port).
+DEFAULT_LISTEN: Final = "127.0.0.1:2407"
+#: The conventional health/metrics port (gokeyless's); off unless asked for.
+DEFAULT_METRICS_PORT: Final = 2406
+#: The executor used unless told otherwise; chosen by measurement (see the operator's guide).
+DEFAULT_POOL: Final = "thread"
+#: Environment variable holding the PKCS#11 user PIN unless another is named.
+DEFAULT_PIN_ENV: Final = "KEYBROKER_PKCS11_PIN"
+
+Pool: TypeAlias = Literal["thread", "process"]
+#: One key operation as the executor sees it: SKI, opcode, payload.
+Job: TypeAlias = tuple[bytes, int, bytes]
+#: What a job yields: the result bytes, or an :class:`ErrorCode` as an ``int``.
+Result: TypeAlias = bytes | int
+
+_LATENCY_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+_PEM_SUFFIXES: Final = (".pem", ".key")
+_PKCS8_LABEL: Final = b"-----BEGIN PRIVATE KEY-----"
+#: Distinct refusals logged per connection; later ones are only counted.
+_REFUSALS_LOGGED: Final = 16
+
+
+def default_workers() -> int:
+    """Cores this process may run on (the default number of workers)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------
+# Key sources
+# ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class KeySource(Protocol):
+    """Where the key server's private keys live, named by SKI.
+
+    The contract, for anyone adding a source (the broker-delivered one, say):
+
+    * :meth:`perform` is called from executor threads, concurrently: it must
+      be thread-safe (or serialise itself, as PKCS#11 does), and it raises
+      :class:`~.operations.KeyOperationError` with the wire code for every
+      failure a peer may cause (``KEY_NOT_FOUND``, ``UNEXPECTED_OPCODE``,
+      ``FORMAT``, ``CRYPTO``…), with :mod:`.operations`' meaning for each
+      opcode. Anything else it raises is answered ``INTERNAL`` and logged.
+    * :meth:`reload` returns the source to use *from now on* and must not
+      change what ``self`` serves: requests already admitted finish on
+      ``self``. Return a new object (or ``self`` if nothing can change). On a
+      bad new key set raise :class:`~keybroker.errors.ConfigurationError`;
+      the server then keeps the old source.
+    * :meth:`skis` and :meth:`describe` are cheap and show no key material.
+    * An optional ``close()`` is called once the server no longer uses the
+      source (after a reload, when its last request is answered, or at
+      shutdown).
+
+    A source that can hand its keys to worker processes also implements
+    :class:`ExportableKeySource`; only those work with ``pool = "process"``.
+    """
+
+    def skis(self) -> Sequence[bytes]:
+        """The SKIs of the keys this source serves."""
+        ...
+
+    def perform(self, ski: bytes, op: Op, payload: bytes) -> bytes:
+        """Do ``op`` with the key ``ski`` on ``payload``; ``KeyOperationError`` on failure."""
+        ...
+
+    def reload(self) -> KeySource:
+        """The source to use from now on (see the class docstring)."""
+        ...
+
+    def describe(self) -> str:
+        """One line for logs: kind of source, where, how many keys."""
+        ...
+
+
+@runtime_checkable
+class ExportableKeySource(KeySource, Protocol):
+    """A :class:`KeySource` whose keys may be copied into process-pool workers."""
+
+    def worker_keys(self) -> Mapping[bytes, bytes]:
+        """SKI → unencrypted PKCS#8 DER, for :func:`~.operations.init_worker`."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _PemKey:
+    path: Path
+    key: PrivateKey = field(repr=False)
+    der: bytes = field(repr=False)
+
+
+def _check_private_file(path: Path, what: str) -> None:
+    """ConfigurationError unless ``path`` is a regular file only its owner can read."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ConfigurationError(f"{what}: cannot read {path} ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigurationError(f"{what}: {path} is not a regular file")
+    if info.st_mode & 0o077:
+        raise ConfigurationError(
+            f"{what}: {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+            "chmod 600 it"
+        )
+
+
+def _load_pem_key(path: Path, what: str) -> _PemKey:
+    _check_private_file(path, what)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"{what}: cannot read {path} ({exc.strerror})") from None
+    if data.count(b"-----BEGIN ") != 1 or _PKCS8_LABEL not in data:
+        raise ConfigurationError(
+            f"{what}: {path} is not one unencrypted PKCS#8 PEM key ({_PKCS8_LABEL.decode()})"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigurationError(
+            f"{what}: {path} is not a readable unencrypted PKCS#8 private key"
+        ) from None
+    if key_kind(key) is None:
+        raise ConfigurationError(
+            f"{what}: {path} holds a {type(key).__name__}; keyless serves RSA, EC and Ed25519"
+        )
+    private = cast("PrivateKey", key)
+    der = private.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return _PemKey(path, private, der)
+
+
+class PemKeySource:
+    """Keys from unencrypted PKCS#8 PEM files: every ``*.pem`` / ``*.key`` in a directory
+    (names starting with ``.`` are skipped) and/or the files listed.
+
+    Each file holds one key, readable by its owner only (mode 0600 or
+    stricter); its SKI is computed from the key. Immutable: :meth:`reload`
+    reads the files again into a *new* source. A directory with no key, a
+    file that is not such a key, or two files with the same key are
+    :class:`~keybroker.errors.ConfigurationError`.
+    """
+
+    __slots__ = ("_directory", "_files", "_names", "_pem", "_store")
+
+    def __init__(
+        self, directory: str | Path | None = None, files: Iterable[str | Path] = ()
+    ) -> None:
+        """Read the keys now; ``ConfigurationError`` (naming ``keys_dir``) if any is unusable."""
+        self._directory = Path(directory) if directory is not None else None
+        self._files = tuple(Path(path) for path in files)
+        paths = list(self._files)
+        if self._directory is not None:
+            try:
+                entries = sorted(self._directory.iterdir())
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"keys_dir: cannot list {self._directory} ({exc.strerror})"
+                ) from None
+            paths += [
+                entry
+                for entry in entries
+                if entry.suffix.lower() in _PEM_SUFFIXES
+                and not entry.name.startswith(".")
+                and entry.is_file()
+            ]
+        store = LocalKeyStore()
+        pem: dict[bytes, _PemKey] = {}
+        for path in paths:
+            loaded = _load_pem_key(path, "keys_dir")
+            ski = store.add(loaded.key)
+            if ski in pem:
+                raise ConfigurationError(
+                    f"keys_dir: {path} and {pem[ski].path} hold the same key ({ski.hex()})"
+                )
+            pem[ski] = loaded
+        if not pem:
+            where = self._directory if self._directory is not None else "the files given"
+            raise ConfigurationError(f"keys_dir: no PKCS#8 PEM key (*.pem, *.key) in {where}")
+        self._store = store
+        self._pem = pem
+        self._names = {ski: loaded.path.name for ski, loaded in pem.items()}
+
+    def skis(self) -> list[bytes]:
+        """The SKIs of the keys read, sorted."""
+        return self._store.skis()
+
+    def perform(self, ski: bytes, op: Op, payload: bytes) -> bytes:
+        """:meth:`~.operations.LocalKeyStore.perform`."""
+        return self._store.perform(ski, op, payload)
+
+    def reload(self) -> PemKeySource:
+        """A new source read from the same directory and files."""
+        return PemKeySource(self._directory, self._files)
+
+    def describe(self) -> str:
+        """``pem <where>: N keys (file: ski, …)``."""
+        where = str(self._directory) if self._directory is not None else "files"
+        keys = ", ".join(f"{self._names[ski]}={ski.hex()}" for ski in self.skis())
+        return f"pem {where}: {len(self._pem)} keys ({keys})"
+
+    def worker_keys(self) -> dict[bytes, bytes]:
+        """SKI → PKCS#8 DER of every key, for process-pool workers."""
+        return {ski: loaded.der for ski, loaded in self._pem.items()}
+
+    def __repr__(self) -> str:
+        return f"<PemKeySource {self.describe()}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("PemKeySource cannot be pickled; give workers worker_keys()")
+
+
+class Pkcs11KeySource:
+    """The keys of one PKCS#11 token (:class:`~.pkcs11keys.Pkcs11KeyStore`).
+
+    Keys never leave the token, so this source cannot feed a process pool; its
+    calls are serialised by the process-wide PKCS#11 lock (python-pkcs11 is
+    not thread-safe), so one or two threads are as fast as many. The PIN is
+    kept (it is needed to log in again on :meth:`reload`) and never shown.
+    :meth:`reload` opens a second store on the shared login, finds the keys
+    afresh, and returns it as a new source; the server closes the old one
+    when its requests are answered.
+    """
+
+    __slots__ = ("_module", "_pin", "_store", "_token")
+
+    def __init__(self, module_path: str | None, token_label: str, user_pin: str) -> None:
+        """Log in and find the token's keys; ``ConfigurationError`` on a bad module/token/PIN."""
+        from keybroker.flows.keyless.pkcs11keys import Pkcs11KeyStore
+
+        self._module = module_path
+        self._token = token_label
+        self._pin = user_pin
+        self._store = Pkcs11KeyStore(module_path, token_label, user_pin)
+        if not len(self._store):
+            self._store.close()
+            raise ConfigurationError(
+                f"pkcs11_token: no signing key whose CKA_ID is an SKI in token {token_label!r}"
+            )
+
+    def skis(self) -> list[bytes]:
+        """The SKIs of the keys found in the token, sorted."""
+        return self._store.skis()
+
+    def perform(self, ski: bytes, op: Op, payload: bytes) -> bytes:
+        """:meth:`~.pkcs11keys.Pkcs11KeyStore.perform` (RSA_DECRYPT is always refused)."""
+        return self._store.perform(ski, op, payload)
+
+    def reload(self) -> Pkcs11KeySource:
+        """A new source on the same token, its keys found again."""
+        return Pkcs11KeySource(self._module, self._token, self._pin)
+
+    def describe(self) -> str:
+        """``pkcs11 token 'label': N keys (ski, …)``."""
+        keys = ", ".join(ski.hex() for ski in self.skis())
+        return f"pkcs11 token {self._token!r}: {len(self.skis())} keys ({keys})"
+
+    def close(self) -> None:
+        """Release the token login (idempotent)."""
+        self._store.close()
+
+    def __repr__(self) -> str:
+        return f"<Pkcs11KeySource {self.describe()}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("Pkcs11KeySource cannot be pickled")
+
+
+# ---------------------------------------------------------------------------
+# Executors
+# ---------------------------------------------------------------------------
+
+
+def perform_batch(keys: KeySource | None, jobs: Sequence[Job]) -> list[Result]:
+    """Run ``jobs`` in order with ``keys`` (``None``: this worker's :func:`init_worker` keys).
+
+    Never raises: each job yields its result bytes or an :class:`ErrorCode`.
+    """
+    results: list[Result] = []
+    for ski, op, payload in jobs:
+        try:
+            if keys is None:
+                results.append(worker_perform(ski, op, payload))
+            else:
+                results.append(keys.perform(ski, Op(op), payload))
+        except KeyOperationError as exc:
+            results.append(int(exc.code))
+        except Exception as exc:  # every job is owed an answer
+            # The type only: a foreign exception's message might quote its inputs.
+            _log.error(
+                "%s with key %s failed unexpectedly (%s)",
+                Op(op).name,
+                ski.hex(),
+                type(exc).__name__,
+            )
+            results.append(int(ErrorCode.INTERNAL))
+    return results
+
+
+def _process_batch(jobs: Sequence[Job]) -> list[Result]:
+    """What a process-pool worker runs: one batch on its own copy of the keys."""
+    return perform_batch(None, jobs)
+
+
+def _process_ready() -> int:
+    """A no-op run once per new worker, so that a worker that cannot start is seen at once."""
+    return os.getpid()
+
+
+def _init_process_worker(keys: Mapping[bytes, bytes]) -> None:
+    """Process-pool initializer: load the keys; live exactly as long as the key server.
+
+    A terminal's Ctrl-C and a service manager's SIGTERM reach the whole
+    process group, but the key server decides when work stops (its graceful
+    shutdown lets queued operations finish), so workers ignore them. In
+    exchange a worker exits by itself as soon as the key server's process is
+    gone, however it went (even SIGKILL): no orphan keeps a copy of the keys.
+    """
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+
+        def exit_with_parent() -> None:
+            parent.join()  # returns when the parent's end of our sentinel pipe closes
+            os._exit(0)
+
+        threading.Thread(target=exit_with_parent, name="keyless-parent", daemon=True).start()
+    init_worker(keys)
+
+
+def _process_pool(workers: int, keys: Mapping[bytes, bytes]) -> concurrent.futures.Executor:
+    context = multiprocessing.get_context("forkserver")
+    # Fork from a clean server process (never from this one, whose threads may hold locks),
+    # with this module already imported there.
+    context.set_forkserver_preload([__name__])
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_process_worker, initargs=(dict(keys),)
+    )
+
+
+Callback: TypeAlias = Callable[[Result], None]
+
+
+class _Dispatcher:
+    """Queues admitted jobs and hands them to an executor in batches, once per loop iteration.
+
+    Jobs queued in one iteration are split into at most ``workers`` batches
+    of at most ``max_batch`` jobs; each batch's results are delivered on the
+    loop as soon as that batch is done (one cross-thread wake-up per batch).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        make_executor: Callable[[], concurrent.futures.Executor],
+        run_batch: Callable[[Sequence[Job]], list[Result]],
+        *,
+        workers: int,
+        max_batch: int,
+        owns_executor: bool,
+    ) -> None:
+        self._loop = loop
+        self._make_executor = make_executor
+        self._executor = make_executor()
+        self._run_batch = run_batch
+        self._workers = workers
+        self._max_batch = max_batch
+        self._owns_executor = owns_executor
+        self._jobs: list[Job] = []
+        self._callbacks: list[Callback] = []
+        self._scheduled = False
+        self._closed = False
+
+    async def warm_up(self) -> None:
+        """Start every worker of a process pool and check it loaded its keys."""
+        futures = [self._executor.submit(_process_ready) for _ in range(self._workers)]
+        await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
+
+    def submit(self, job: Job, callback: Callback) -> None:
+        """Queue ``job``; ``callback(result)`` runs on the loop when it is done."""
+        self._jobs.append(job)
+        self._callbacks.append(callback)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        jobs, callbacks = self._jobs, self._callbacks
+        self._jobs, self._callbacks = [], []
+        size = min(self._max_batch, max(1, math.ceil(len(jobs) / self._workers)))
+        executor = self._executor
+        for start in range(0, len(jobs), size):
+            batch = jobs[start : start + size]
+            waiting = callbacks[start : start + size]
+            try:
+                future = executor.submit(self._run_batch, batch)
+            except (RuntimeError, concurrent.futures.BrokenExecutor) as exc:
+                self._failed(waiting, exc, executor)
+                continue
+            future.add_done_callback(functools.partial(self._done, waiting, executor))
+
+    def _done(
+        self,
+        callbacks: list[Callback],
+        executor: concurrent.futures.Executor,
+        future: concurrent.futures.Future[Any],
+    ) -> None:
+        # In an executor thread: hop back onto the loop (gone at the very end of shutdown).
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._deliver, callbacks, executor, future)
+
+    def _deliver(
+        self,
+        callbacks: list[Callback],
+        executor: concurrent.futures.Executor,
+        future: concurrent.futures.Future[Any],
+    ) -> None:
+        try:
+            results: list[Result] = future.result()
+        except BaseException as exc:
+            self._failed(callbacks, exc, executor)
+            return
+        for callback, result in zip(callbacks, results, strict=True):
+            callback(result)
+
+    def _failed(
+        self,
+        callbacks: list[Callback],
+        exc: BaseException,
+        executor: concurrent.futures.Executor,
+    ) -> None:
+        _log.error(
+            "a batch of %d key operations failed in the executor (%s)",
+            len(callbacks),
+            type(exc).__name__,
+        )
+        # Every batch of a dead pool fails; only the first replaces it.
+        if (
+            isinstance(exc, BrokenProcessPool)
+            and self._owns_executor
+            and not self._closed
+            and executor is self._executor
+        ):
+            _log.warning("a key worker process died; starting a new pool")
+            executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._make_executor()
+        for callback in callbacks:
+            callback(int(ErrorCode.INTERNAL))
+
+    def close(self) -> None:
+        """Stop the executor if this dispatcher owns it (queued batches still run)."""
+        self._closed = True
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+
+class KeyServerMetrics(Collector):
+    """The key server's counters, kept by the event loop, exported for Prometheus.
+
+    Plain integers updated on the loop (no locks on the request path), turned
+    into metric families when scraped. Labels are opcode names, result names
+    (``ok`` or an error code) and reasons — never SKIs, edges or payloads.
+    """
+
+    def __init__(self) -> None:
+        self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._buckets: dict[str, list[int]] = {}
+        self._sums: defaultdict[str, float] = defaultdict(float)
+        self.connections_open = 0
+        self.connections_accepted = 0
+        self.connections_closed: defaultdict[str, int] = defaultdict(int)
+        self.pending = 0
+        self.keys_loaded = 0
+        self.generation = 0
+        self.reloads: defaultdict[str, int] = defaultdict(int)
+
+    def observe(self, op: str, result: str, seconds: float) -> None:
+        """Count one answered request and its latency."""
+        self.requests[op, result] += 1
+        counts = self._buckets.get(op)
+        if counts is None:
+            counts = self._buckets[op] = [0] * (len(_LATENCY_BUCKETS) + 1)
+        counts[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self._sums[op] += seconds
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        """The metric families (called by ``prometheus_client`` on a scrape)."""
+        requests = CounterMetricFamily(
+            "keyless_requests",
+            "Requests answered, by opcode and result (ok or the error code).",
+            labels=["op", "result"],
+        )
+        for (op, result), count in sorted(dict(self.requests).items()):
+            requests.add_metric([op, result], count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "keyless_request_duration_seconds",
+            "Time from a request's arrival to its reply being queued for writing.",
+            labels=["op"],
+        )
+        for op, counts in sorted(dict(self._buckets).items()):
+            cumulative, total = [], 0
+            for bound, count in zip((*_LATENCY_BUCKETS, math.inf), counts, strict=True):
+                total += count
+                cumulative.append((_bound(bound), total))
+            latency.add_metric([op], cumulative, self._sums[op])
+        yield latency
+        yield GaugeMetricFamily(
+            "keyless_connections", "Edge connections open.", value=self.connections_open
+        )
+        yield CounterMetricFamily(
+            "keyless_connections_accepted",
+            "Edge connections that completed the TLS handshake.",
+            value=self.connections_accepted,
+        )
+        closed = CounterMetricFamily(
+            "keyless_connections_closed", "Edge connections closed, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(dict(self.connections_closed).items()):
+            closed.add_metric([reason], count)
+        yield closed
+        yield GaugeMetricFamily(
+            "keyless_pending_requests",
+            "Key operations admitted and not yet answered.",
+            value=self.pending,
+        )
+        yield GaugeMetricFamily(
+            "keyless_keys_loaded", "Keys the current key source serves.", value=self.keys_loaded
+        )
+        yield GaugeMetricFamily(
+            "keyless_config_generation",
+            "Configuration generation (1 at start, +1 per successful reload).",
+            value=self.generation,
+        )
+        reloads = CounterMetricFamily(
+            "keyless_reloads", "Reloads attempted, by result.", labels=["result"]
+        )
+        for result in ("ok", "failed"):
+            reloads.add_metric([result], self.reloads[result])
+        yield reloads
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(bound)
+
+
+# ---------------------------------------------------------------------------
+# TLS and identity
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The server certificate chain and key, and the CA that issues edge certificates."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+def _load_server_chain(context: ssl.SSLContext, files: TlsFiles) -> None:
+    _check_private_file(files.key, "key")
+    try:
+        context.load_cert_chain(files.cert, files.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"cert/key: cannot use {files.cert} with {files.key} "
+            f"({getattr(exc, 'reason', None) or exc})"
+        ) from None
+
+
+def server_tls_context(files: TlsFiles) -> ssl.SSLContext:
+    """The key server's TLS context: mutual TLS, client certificates from ``client_ca`` only.
+
+    TLS 1.2 or later; TLS 1.2 restricted to ECDHE with AEAD ciphers. Raises
+    :class:`~keybroker.errors.ConfigurationError` naming ``cert``, ``key`` or
+    ``client_ca`` when a file is unusable.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    context.options |= ssl.OP_NO_COMPRESSION
+    _load_server_chain(context, files)
+    try:
+        context.load_verify_locations(cafile=files.client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"client_ca: cannot use {files.client_ca} as the edges' CA "
+            f"({getattr(exc, 'reason', None) or exc})"
+        ) from None
+    return context
+
+
+def edge_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> PrincipalId:
+    """The broker principal named by the peer's certificate (its one ``keybroker://`` URI SAN).
+
+    Raises :class:`~keybroker.errors.KeybrokerError` (an
+    :class:`~keybroker.errors.IdentityMismatch` for a certificate without a
+    usable keybroker URI) when there is none.
+    """
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise IdentityMismatch("no client certificate")
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise CertificateInvalid("an unreadable client certificate") from None
+    return principal_of(certificate)
+
+
+# ---------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyServerSettings:
+    """How the server runs (everything but where the keys, grants and certificates are)."""
+
+    #: Executor workers (threads or processes).
+    workers: int = field(default_factory=default_workers)
+    #: ``"thread"``: a thread pool calling the key source; ``"process"``: worker processes
+    #: holding copies of the keys (exportable sources only).
+    pool: Pool = DEFAULT_POOL
+    #: Requests one connection may have outstanding (more are answered ``OVERLOADED``).
+    max_pending: int = MAX_PENDING
+    #: Largest request body accepted (a larger header closes the connection).
+    max_frame: int = DEFAULT_MAX_FRAME
+    #: Edge connections at once; more are closed right after the handshake.
+    max_connections: int = 1024
+    #: Seconds a connection may sit with nothing outstanding and nothing received.
+    idle_timeout: float = 300.0
+    #: Seconds a TLS handshake may take.
+    handshake_timeout: float = 10.0
+    #: Seconds shutdown waits for in-flight operations.
+    shutdown_grace: float = 10.0
+    #: Most jobs per executor batch; ``None``: 16 for threads, 64 for processes (measured:
+    #: fewer cross-thread wake-ups and GIL hand-offs, or pickling round trips, per job).
+    #: A batch is never larger than what is queued divided by the workers.
+    max_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.workers) is not int or not 1 <= self.workers <= 256:
+            raise ConfigurationError("workers: must be an integer from 1 to 256")
+        if self.pool not in ("thread", "process"):
+            raise ConfigurationError(f"pool: must be 'thread' or 'process', not {self.pool!r}")
+        if type(self.max_pending) is not int or not 1 <= self.max_pending <= MAX_PENDING:
+            raise ConfigurationError(f"max_pending: must be an integer from 1 to {MAX_PENDING}")
+        if type(self.max_connections) is not int or self.max_connections < 1:
+            raise ConfigurationError("max_connections: must be a positive integer")
+        for name in ("idle_timeout", "handshake_timeout", "shutdown_grace"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ConfigurationError(f"{name}: must be a positive number of seconds")
+        if self.max_batch is not None and (
+            type(self.max_batch) is not int or not 1 <= self.max_batch <= 1024
+        ):
+            raise ConfigurationError("max_batch: must be an integer from 1 to 1024")
+        try:
+            ServerConnection(self.max_pending, self.max_frame)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"max_frame: {exc}") from None
+
+    @property
+    def batch(self) -> int:
+        """The effective batch size."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return 16 if self.pool == "thread" else 64
+
+
+# ---------------------------------------------------------------------------
+# Connections
+# ---------------------------------------------------------------------------
+
+
+class _Generation:
+    """One consistent configuration: key source, authorizer and the dispatcher for the keys."""
+
+    __slots__ = ("authorizer", "dispatcher", "in_flight", "key_count", "keys", "number", "retired")
+
+    def __init__(
+        self, number: int, keys: KeySource, authorizer: Authorizer, dispatcher: _Dispatcher
+    ) -> None:
+        self.number = number
+        self.keys = keys
+        self.authorizer = authorizer
+        self.dispatcher = dispatcher
+        self.key_count = len(keys.skis())
+        self.in_flight = 0
+        self.retired = False
+
+
+class _EdgeConnection(asyncio.Protocol):
+    """One edge's connection: bytes in, events out, replies written as operations finish."""
+
+    def __init__(self, server: KeyServer) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._metrics = server.metrics
+        settings = server.settings
+        self._conn = ServerConnection(settings.max_pending, settings.max_frame)
+        self._idle_timeout = settings.idle_timeout
+        self._transport: asyncio.Transport | None = None
+        self._edge: PrincipalId | None = None
+        self.peer = "?"
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self.closed = False
+        self._closing = False
+        self._reading = True
+        self._write_paused = False
+        self.close_reason = "peer"
+        self.in_flight = 0
+        self._last_active = 0.0
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._refusals: set[tuple[bytes, Op]] = set()
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """After the TLS handshake: identify the edge, apply limits, start the idle timer."""
+        self._transport = cast("asyncio.Transport", transport)
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            self.peer = f"{peername[0]}:{peername[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._last_active = self._loop.time()
+        if not self._server.connection_opened(self):
+            self._abandon("limit")
+            return
+        try:
+            self._edge = edge_identity(transport.get_extra_info("ssl_object"))
+        except KeybrokerError as exc:
+            _log.warning(
+                "connection from %s: refusing its requests, its certificate names no "
+                "keybroker principal (%s)",
+                self.peer,
+                exc,
+            )
+        else:
+            _log.debug("connection from %s: edge %s", self.peer, self._edge)
+        self._idle_handle = self._loop.call_later(self._idle_timeout, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        """Turn bytes into requests and answer or dispatch each."""
+        if self._closing:
+            return
+        now = self._loop.time()
+        self._last_active = now
+        events = self._conn.receive_data(data)
+        for event in events:
+            if isinstance(event, RequestReceived):
+                self._request(event.request, now)
+            elif isinstance(event, BadRequest):
+                self._answer(event.reply(), "INVALID", now)
+            elif isinstance(event, ConnectionBroken):
+                self._answer(event.reply(), "INVALID", now)
+                _log.info(
+                    "connection from %s: closed after a frame it cannot trust (%s)",
+                    self.peer,
+                    event.error_code.name,
+                )
+                self._abandon("broken")
+                return
+        if events and self._edge is None:
+            self._abandon("unauthenticated")
+
+    def eof_received(self) -> bool:
+        """The edge closed its side: close ours too (replies still owed are dropped)."""
+        return False
+
+    def pause_writing(self) -> None:
+        """The edge does not read its replies: stop reading its requests until it does."""
+        self._write_paused = True
+        self._set_reading(False)
+
+    def resume_writing(self) -> None:
+        """Replies drained: read requests again (unless shutting down)."""
+        self._write_paused = False
+        if not self._closing and not self._server.stopping:
+            self._set_reading(True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection; operations still running are answered into the void."""
+        self.closed = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        if exc is not None and self.close_reason == "peer":
+            self.close_reason = "error"
+        self._server.connection_closed(self)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _request(self, request: Request, now: float) -> None:
+        op = request.op
+        if self._edge is None:
+            self._answer(Response.error(request.id, ErrorCode.NOT_AUTHORIZED), op.name, now)
+            return
+        if op is Op.PING:
+            self._answer(Response.pong(request.id, request.payload), op.name, now)
+            return
+        generation = self._server.generation
+        try:
+            checked = check_op(op)
+            ski = request.ski
+            if ski is None:
+                raise KeyOperationError(f"{op.name} without an SKI", code=ErrorCode.FORMAT)
+            generation.authorizer.check(self._edge, ski, checked)
+        except KeyOperationError as exc:
+            if exc.code is ErrorCode.NOT_AUTHORIZED and request.ski is not None:
+                self._log_refusal(request.ski, op, exc)
+            self._answer(Response.error(request.id, exc.code), op.name, now)
+            return
+        except Exception as exc:  # an authorizer's bug: refuse, keep the connection
+            _log.error("authorizer failed on %s (%s)", op.name, type(exc).__name__)
+            self._answer(Response.error(request.id, ErrorCode.INTERNAL), op.name, now)
+            return
+        generation.in_flight += 1
+        self.in_flight += 1
+        self._metrics.pending += 1
+        generation.dispatcher.submit(
+            (ski, int(checked), request.payload),
+            functools.partial(self._completed, request.id, op, now, generation),
+        )
+
+    def _completed(
+        self, request_id: int, op: Op, started: float, generation: _Generation, result: Result
+    ) -> None:
+        self.in_flight -= 1
+        self._metrics.pending -= 1
+        self._server.operation_done(generation)
+        if self.closed or self._closing:
+            self._metrics.requests[op.name, "abandoned"] += 1
+            return
+        self._last_active = self._loop.time()
+        if isinstance(result, bytes):
+            response = Response.ok(request_id, result)
+        else:
+            response = Response.error(request_id, ErrorCode(result))
+        self._answer(response, op.name, started)
+
+    def _log_refusal(self, ski: bytes, op: Op, exc: KeyOperationError) -> None:
+        if len(self._refusals) >= _REFUSALS_LOGGED or (ski, op) in self._refusals:
+            return
+        self._refusals.add((ski, op))
+        _log.info("edge %s (%s): %s refused: %s", self._edge, self.peer, op.name, exc)
+
+    def _answer(self, response: Response, op: str, started: float) -> None:
+        frame = self._conn.send_response(response)
+        code = response.error_code
+        self._metrics.observe(op, "ok" if code is None else code.name, self._loop.time() - started)
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self._transport is not None and not self.closed:
+            self._transport.write(b"".join(self._out))
+        self._out.clear()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _set_reading(self, reading: bool) -> None:
+        transport = self._transport
+        if transport is None or self.closed or reading == self._reading:
+            return
+        self._reading = reading
+        with contextlib.suppress(RuntimeError, AttributeError):
+            if reading:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def _abandon(self, reason: str) -> None:
+        """Write what is owed so far and close (TLS close_notify after the data)."""
+        if self._closing:
+            return
+        self._closing = True
+        self.close_reason = reason
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _check_idle(self) -> None:
+        if self.closed or self._closing:
+            return
+        idle_for = self._loop.time() - self._last_active
+        if self.in_flight == 0 and idle_for >= self._idle_timeout:
+            _log.debug("connection from %s: idle for %.0f s, closing", self.peer, idle_for)
+            self._abandon("idle")
+            return
+        wait = self._idle_timeout - idle_for if self.in_flight == 0 else self._idle_timeout
+        self._idle_handle = self._loop.call_later(max(wait, 0.01), self._check_idle)
+
+    def stop_reading(self) -> None:
+        """Shutdown, step 1: accept no more requests."""
+        self._set_reading(False)
+
+    def close_gracefully(self) -> None:
+        """Shutdown, last step: write what is owed and close."""
+        self._abandon("shutdown")
+
+    def abort(self) -> None:
+        """Shutdown, when the edge does not let the close finish."""
+        if self._transport is not None and not self.closed:
+            self._transport.abort()
+
+
+# ---------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------
+
+
+class KeyServer:
+    """The key server: listener, connections, executor, reload, health and metrics.
+
+    Usage (inside a running event loop)::
+
+        server = KeyServer(keys, authorizer, server_tls_context(files), tls_files=files)
+        host, port = await server.start("127.0.0.1", 2407)
+        await server.start_metrics("127.0.0.1", 2406)      # optional
+        ...
+        await server.reload()                               # e.g. on SIGHUP
+        await server.aclose()                               # graceful
+
+    ``keys`` must serve at least one key. Raises
+    :class:`~keybroker.errors.ConfigurationError` for unusable settings (for
+    instance ``pool="process"`` with keys that cannot leave this process).
+    """
+
+    def __init__(
+        self,
+        keys: KeySource,
+        authorizer: Authorizer,
+        ssl_context: ssl.SSLContext,
+        settings: KeyServerSettings | None = None,
+        *,
+        tls_files: TlsFiles | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """Configure; nothing runs until :meth:`start` (which needs a running loop)."""
+        self.settings = settings if settings is not None else KeyServerSettings()
+        if self.settings.pool == "process" and not isinstance(keys, ExportableKeySource):
+            raise ConfigurationError(
+                f"pool: 'process' needs keys that can be copied into worker processes "
+                f"(keys_dir); {type(keys).__name__} keys stay in this process, use 'thread'"
+            )
+        if not keys.skis():
+            raise ConfigurationError(f"the key source has no keys: {keys.describe()}")
+        self._initial = (keys, authorizer)
+        self._ssl_context = ssl_context
+        self._tls_files = tls_files
+        self.metrics = KeyServerMetrics()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(self.metrics)
+        self._generation: _Generation | None = None
+        self._retiring: set[_Generation] = set()
+        self._connections: set[_EdgeConnection] = set()
+        self._server: asyncio.Server | None = None
+        self._metrics_server: asyncio.Server | None = None
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reload_lock = asyncio.Lock()
+        self._idle = asyncio.Event()
+        self._background: set[asyncio.Future[Any]] = set()
+        self.stopping = False
+        self.address: tuple[str, int] | None = None
+        self.metrics_address: tuple[str, int] | None = None
+
+    # -- properties --------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the server runs on (set by :meth:`start`)."""
+        if self._loop is None:
+            raise RuntimeError("the key server has not been started")
+        return self._loop
+
+    @property
+    def generation(self) -> _Generation:
+        """The current configuration generation."""
+        if self._generation is None:
+            raise RuntimeError("the key server has not been started")
+        return self._generation
+
+    @property
+    def keys(self) -> KeySource:
+        """The key source in use."""
+        return self.generation.keys
+
+    @property
+    def authorizer(self) -> Authorizer:
+        """The authorizer in use."""
+        return self.generation.authorizer
+
+    @property
+    def connections(self) -> int:
+        """Edge connections open."""
+        return len(self._connections)
+
+    @property
+    def pending(self) -> int:
+        """Key operations admitted and not yet answered, over all connections."""
+        return self.metrics.pending
+
+    @property
+    def healthy(self) -> bool:
+        """Listening, not shutting down, and serving at least one key."""
+        return (
+            self._server is not None
+            and self._server.is_serving()
+            and not self.stopping
+            and self._generation is not None
+            and self._generation.key_count > 0
+        )
+
+    # -- start -------------------------------------------------------------------------
+
+    def _dispatcher(self, keys: KeySource) -> _Dispatcher:
+        settings = self.settings
+        if settings.pool == "process":
+            exported = dict(cast("ExportableKeySource", keys).worker_keys())
+            return _Dispatcher(
+                self.loop,
+                functools.partial(_process_pool, settings.workers, exported),
+                _process_batch,
+                workers=settings.workers,
+                max_batch=settings.batch,
+                owns_executor=True,
+            )
+        threads = self._threads
+        assert threads is not None
+        return _Dispatcher(
+            self.loop,
+            lambda: threads,
+            functools.partial(perform_batch, keys),
+            workers=settings.workers,
+            max_batch=settings.batch,
+            owns_executor=False,
+        )
+
+    async def _new_generation(
+        self, number: int, keys: KeySource, authorizer: Authorizer
+    ) -> _Generation:
+        dispatcher = self._dispatcher(keys)
+        if self.settings.pool == "process":
+            try:
+                await dispatcher.warm_up()
+            except Exception as exc:
+                dispatcher.close()
+                raise ConfigurationError(
+                    f"the key worker processes did not start ({type(exc).__name__})"
+                ) from None
+        generation = _Generation(number, keys, authorizer, dispatcher)
+        self._warn_missing(generation)
+        return generation
+
+    @staticmethod
+    def _warn_missing(generation: _Generation) -> None:
+        skis_of = getattr(generation.authorizer, "skis", None)
+        if not callable(skis_of):
+            return
+        loaded = set(generation.keys.skis())
+        for ski in sorted(set(skis_of()) - loaded):
+            _log.warning("key %s is granted but not loaded: it answers KEY_NOT_FOUND", ski.hex())
+
+    async def start(self, host: str = "127.0.0.1", port: int = 2407) -> tuple[str, int]:
+        """Start the workers and listen; returns the address bound (``port=0``: any)."""
+        if self._server is not None:
+            raise RuntimeError("the key server is already started")
+        self._loop = asyncio.get_running_loop()
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            self.settings.workers, thread_name_prefix="keyless-op"
+        )
+        keys, authorizer = self._initial
+        self._generation = await self._new_generation(1, keys, authorizer)
+        self._publish_generation()
+        try:
+            self._server = await self._loop.create_server(
+                lambda: _EdgeConnection(self),
+                host,
+                port,
+                ssl=self._ssl_context,
+                ssl_handshake_timeout=self.settings.handshake_timeout,
+                backlog=1024,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            self._generation.dispatcher.close()
+            self._threads.shutdown(wait=False)
+            raise ConfigurationError(f"listen: cannot listen on {host}:{port} ({exc})") from None
+        bound = self._server.sockets[0].getsockname()
+        self.address = (str(bound[0]), int(bound[1]))
+        _log.info(
+            "key server on %s:%d; keys: %s; grants: %s; %d %s workers",
+            *self.address,
+            keys.describe(),
+            authorizer.describe(),
+            self.settings.workers,
+            self.settings.pool,
+        )
+        return self.address
+
+    def _publish_generation(self) -> None:
+        generation = self.generation
+        self.metrics.keys_loaded = generation.key_count
+        self.metrics.generation = generation.number
+
+    # -- connections (called by _EdgeConnection) ---------------------------------------
+
+    def connection_opened(self, connection: _EdgeConnection) -> bool:
+        """Register a connection; ``False`` if it must be refused."""
+        self.metrics.connections_accepted += 1
+        if self.stopping or len(self._connections) >= self.settings.max_connections:
+            if not self.stopping:
+                _log.warning(
+                    "connection from %s refused: %d connections open (max_connections)",
+                    connection.peer,
+                    len(self._connections),
+                )
+            return False
+        self._connections.add(connection)
+        self.metrics.connections_open = len(self._connections)
+        return True
+
+    def connection_closed(self, connection: _EdgeConnection) -> None:
+        """Unregister a connection."""
+        self._connections.discard(connection)
+        self.metrics.connections_open = len(self._connections)
+        self.metrics.connections_closed[connection.close_reason] += 1
+        self._check_idle()
+
+    def operation_done(self, generation: _Generation) -> None:
+        """Count an operation of ``generation`` as finished."""
+        generation.in_flight -= 1
+        if generation.retired and generation.in_flight == 0:
+            self._collect()
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self.metrics.pending == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    # -- reload ------------------------------------------------------------------------
+
+    def _load(self, old: _Generation) -> tuple[KeySource, Authorizer]:
+        """In a thread: the new grants, TLS files and keys, or ConfigurationError."""
+        authorizer = old.authorizer.reload()
+        if self._tls_files is not None:
+            # Into a scratch context first: a bad pair must not touch the live one.
+            _load_server_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), self._tls_files)
+        keys = old.keys.reload()
+        if keys is not old.keys and not keys.skis():
+            _close_source(keys)
+            raise ConfigurationError(f"the new key set is empty: {keys.describe()}")
+        if self.settings.pool == "process" and not isinstance(keys, ExportableKeySource):
+            _close_source(keys)
+            raise ConfigurationError("pool: the new key source cannot feed worker processes")
+        return keys, authorizer
+
+    async def reload(self) -> bool:
+        """Reload keys, grants and the server certificate together.
+
+        Returns ``True`` if the new configuration is in use, ``False`` if it
+        was refused (logged; the old one stays). Requests in flight finish on
+        the generation they were admitted on.
+        """
+        async with self._reload_lock:
+            if self.stopping:
+                return False
+            old = self.generation
+            try:
+                keys, authorizer = await self.loop.run_in_executor(None, self._load, old)
+            except Exception as exc:
+                return self._reload_refused(exc)
+            try:
+                if keys is old.keys:  # same keys: same dispatcher (and worker processes)
+                    new = _Generation(old.number + 1, keys, authorizer, old.dispatcher)
+                    self._warn_missing(new)
+                else:
+                    new = await self._new_generation(old.number + 1, keys, authorizer)
+            except Exception as exc:
+                if keys is not old.keys:
+                    _close_source(keys)
+                return self._reload_refused(exc)
+            if self.stopping:  # shutdown began while this reload was loading
+                if new.dispatcher is not old.dispatcher:
+                    new.dispatcher.close()
+                if keys is not old.keys:
+                    _close_source(keys)
+                return False
+            if self._tls_files is not None:
+                try:
+                    # New connections get the new certificate; open ones keep theirs.
+                    _load_server_chain(self._ssl_context, self._tls_files)
+                except ConfigurationError as exc:  # the files changed again since _load
+                    if new.dispatcher is not old.dispatcher:
+                        new.dispatcher.close()
+                    if keys is not old.keys:
+                        _close_source(keys)
+                    return self._reload_refused(exc)
+            self._generation = new
+            self._publish_generation()
+            self.metrics.reloads["ok"] += 1
+            self._retire(old)
+            _log.info(
+                "reloaded (generation %d): keys: %s; grants: %s",
+                new.number,
+                keys.describe(),
+                authorizer.describe(),
+            )
+            return True
+
+    def _reload_refused(self, exc: BaseException) -> bool:
+        self.metrics.reloads["failed"] += 1
+        # Our own errors say what is wrong; a foreign one only by its type.
+        reason = str(exc) if isinstance(exc, KeybrokerError) else type(exc).__name__
+        _log.error("reload refused, keeping generation %d: %s", self.generation.number, reason)
+        return False
+
+    def _retire(self, old: _Generation) -> None:
+        old.retired = True
+        self._retiring.add(old)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Forget retired generations with nothing in flight, and close every key source and
+        dispatcher that no live generation (the current one, or a retired one with requests
+        still in flight) uses any more."""
+        finished = [g for g in self._retiring if g.in_flight == 0]
+        if not finished:
+            return
+        self._retiring.difference_update(finished)
+        live = [self.generation, *self._retiring]
+        dispatchers = {id(g.dispatcher): g.dispatcher for g in finished}
+        sources = {id(g.keys): g.keys for g in finished}
+        for generation in live:
+            dispatchers.pop(id(generation.dispatcher), None)
+            sources.pop(id(generation.keys), None)
+        for dispatcher in dispatchers.values():
+            dispatcher.close()
+        for keys in sources.values():
+            self._spawn(self.loop.run_in_executor(None, _close_source, keys))
+
+    def _spawn(self, future: asyncio.Future[Any]) -> None:
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+
+    # -- health and metrics ------------------------------------------------------------
+
+    async def start_metrics(
+        self, host: str = "127.0.0.1", port: int = DEFAULT_METRICS_PORT
+    ) -> tuple[str, int]:
+        """Serve ``GET /healthz`` and ``GET /metrics`` over plain HTTP on ``host:port``."""
+        try:
+            self._metrics_server = await asyncio.start_server(
+                self._http, host, port, limit=16384, reuse_address=True
+            )
+        except OSError as exc:
+            raise ConfigurationError(
+                f"metrics_port: cannot listen on {host}:{port} ({exc})"
+            ) from None
+        bound = self._metrics_server.sockets[0].getsockname()
+        self.metrics_address = (str(bound[0]), int(bound[1]))
+        return self.metrics_address
+
+    def health(self) -> tuple[int, str]:
+        """``(status, text)`` of ``/healthz``."""
+        if self.healthy:
+            generation = self.generation
+            return 200, f"ok: {generation.key_count} keys, generation {generation.number}\n"
+        if self.stopping:
+            return 503, "shutting down\n"
+        return 503, "not serving\n"
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            status, content_type, body = self._route(parts)
+            head_only = parts[0] == "HEAD"
+            writer.write(
+                (
+                    f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                ).encode("latin-1")
+                + (b"" if head_only else body)
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass  # a scraper that went away or sent garbage: nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def _route(self, parts: list[str]) -> tuple[str, str, bytes]:
+        text = "text/plain; charset=utf-8"
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return "400 Bad Request", text, b"bad request\n"
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", text, b"GET only\n"
+        if target == "/healthz":
+            code, message = self.health()
+            return (
+                f"{code} {'OK' if code == 200 else 'Service Unavailable'}",
+                text,
+                message.encode(),
+            )
+        if target == "/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        return "404 Not Found", text, b"not found: try /healthz or /metrics\n"
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    async def aclose(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight operations finish (up to ``grace`` s), close everything."""
+        if self.stopping:
+            return
+        self.stopping = True
+        grace = self.settings.shutdown_grace if grace is None else grace
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.stop_reading()
+        self._check_idle()
+        if self.metrics.pending:
+            _log.info("shutting down: waiting for %d key operations", self.metrics.pending)
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=grace)
+            except TimeoutError:
+                _log.warning(
+                    "shutting down: %d key operations unfinished after %.0f s",
+                    self.metrics.pending,
+                    grace,
+                )
+        # Let the replies written by the last completions reach the transports.
+        await asyncio.sleep(0)
+        for connection in list(self._connections):
+            connection.close_gracefully()
+        deadline = self.loop.time() + 2.0
+        while self._connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self._connections):
+            connection.abort()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        async with self._reload_lock:  # a reload under way finishes (and sees `stopping`)
+            if self._generation is not None:
+                generations = [self._generation, *self._retiring]
+                self._retiring.clear()
+                for dispatcher in {id(g.dispatcher): g.dispatcher for g in generations}.values():
+                    dispatcher.close()
+                for keys in {id(g.keys): g.keys for g in generations}.values():
+                    self._spawn(self.loop.run_in_executor(None, _close_source, keys))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1)
+        _log.info("key server stopped")
+
+    async def __aenter__(self) -> KeyServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def _close_source(keys: KeySource) -> None:
+    close = getattr(keys, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception as exc:
+            _log.warning("closing %s failed (%s)", keys.describe(), type(exc).__name__)
+
+
+# ---------------------------------------------------------------------------
+# Configuration and the CLI's main
+# ---------------------------------------------------------------------------
+
+_PATH_KEYS: Final = frozenset({"cert", "key", "client_ca", "keys_dir", "grants", "pkcs11_module"})
+
+
+@dataclass(frozen=True)
+class KeyServerConfig:
+    """Everything ``keybroker keyserver`` is told, from options and/or a TOML file.
+
+    Keys (TOML, ``snake_case`` or ``kebab-case``; the options are the same
+    names with ``--``): ``listen``, ``cert``, ``key``, ``client_ca``,
+    ``keys_dir``, ``pkcs11_module``, ``pkcs11_token``, ``pkcs11_pin_env``,
+    ``grants``, ``workers``, ``pool``, ``metrics_host``, ``metrics_port``,
+    ``log_level``, ``max_connections``, ``max_pending``, ``idle_timeout``,
+    ``shutdown_grace``.
+    """
+
+    cert: Path
+    key: Path
+    client_ca: Path
+    grants: Path
+    listen: str = DEFAULT_LISTEN
+    keys_dir: Path | None = None
+    pkcs11_module: str | None = None
+    pkcs11_token: str | None = None
+    pkcs11_pin_env: str = DEFAULT_PIN_ENV
+    workers: int = field(default_factory=default_workers)
+    pool: str = DEFAULT_POOL
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    log_level: str = "info"
+    max_connections: int = 1024
+    max_pending: int = MAX_PENDING
+    idle_timeout: float = 300.0
+    shutdown_grace: float = 10.0
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, object], *, base: Path | None = None
+    ) -> KeyServerConfig:
+        """Check and convert ``data``; :class:`ConfigurationError` naming the first bad key.
+
+        Relative paths are resolved against ``base`` (the config file's directory).
+        """
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for raw_name, value in data.items():
+            name = raw_name.replace("-", "_")
+            if name not in known:
+                raise ConfigurationError(f"{raw_name}: unknown setting")
+            if value is None:
+                continue
+            values[name] = _convert(name, value, base)
+        for required in ("cert", "key", "client_ca", "grants"):
+            if required not in values:
+                raise ConfigurationError(
+                    f"{required}: required (option --{required.replace('_', '-')})"
+                )
+        if ("keys_dir" in values) == ("pkcs11_token" in values):
+            raise ConfigurationError(
+                "keys_dir: give exactly one key source, keys_dir or pkcs11_token"
+            )
+        if "pkcs11_module" in values and "pkcs11_token" not in values:
+            raise ConfigurationError("pkcs11_module: needs pkcs11_token")
+        config = cls(**values)
+        config.listen_address()
+        config.settings()
+        return config
+
+    def listen_address(self) -> tuple[str, int]:
+        """``listen`` as ``(host, port)``."""
+        return parse_address(self.listen, "listen")
+
+    def settings(self) -> KeyServerSettings:
+        """The :class:`KeyServerSettings` these options ask for."""
+        return KeyServerSettings(
+            workers=self.workers,
+            pool=cast("Pool", self.pool),
+            max_pending=self.max_pending,
+            max_connections=self.max_connections,
+            idle_timeout=self.idle_timeout,
+            shutdown_grace=self.shutdown_grace,
+        )
+
+    def tls_files(self) -> TlsFiles:
+        """The certificate, key and client-CA files."""
+        return TlsFiles(self.cert, self.key, self.client_ca)
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``; ConfigurationError naming ``what`` otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigurationError(f"{what}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _convert(name: str, value: object, base: Path | None) -> object:
+    if name in _PATH_KEYS:
+        if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+            raise ConfigurationError(f"{name}: must be a path")
+        path = Path(value).expanduser()
+        if base is not None and not path.is_absolute():
+            path = base / path
+        return str(path) if name == "pkcs11_module" else path
+    if name in ("workers", "max_connections", "max_pending", "metrics_port"):
+        if type(value) is not int:
+            raise ConfigurationError(f"{name}: must be an integer")
+        if name == "metrics_port" and not 0 <= value < 65536:
+            raise ConfigurationError("metrics_port: must be a port number (0: any free port)")
+        return value
+    if name in ("idle_timeout", "shutdown_grace"):
+        if type(value) not in (int, float):
+            raise ConfigurationError(f"{name}: must be a number of seconds")
+        return float(cast("float", value))
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{name}: must be a non-empty string")
+    if name == "pool" and value not in ("thread", "process"):
+        raise ConfigurationError(f"pool: must be 'thread' or 'process', not {value!r}")
+    if name == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigurationError(f"log_level: must be debug, info, warning or error, not {value!r}")
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, object]:
+    """The settings in a TOML config file (flat ``key = value``), not yet checked."""
+    location = Path(path)
+    try:
+        text = location.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"config: cannot read {location} ({exc})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"config: {location} is not valid TOML ({exc})") from None
+    return dict(data)
+
+
+def build_key_server(
+    config: KeyServerConfig, *, environ: Mapping[str, str] | None = None
+) -> KeyServer:
+    """The :class:`KeyServer` ``config`` describes (keys loaded, TLS context made, not started)."""
+    env = os.environ if environ is None else environ
+    settings = config.settings()
+    files = config.tls_files()
+    context = server_tls_context(files)
+    authorizer = StaticAuthorizer.from_file(config.grants)
+    keys: KeySource
+    if config.keys_dir is not None:
+        keys = PemKeySource(config.keys_dir)
+    else:
+        assert config.pkcs11_token is not None
+        pin = env.get(config.pkcs11_pin_env)
+        if not pin:
+            raise ConfigurationError(
+                f"pkcs11_pin_env: environment variable {config.pkcs11_pin_env} "
+                "(the token's user PIN) is not set"
+            )
+        keys = Pkcs11KeySource(config.pkcs11_module, config.pkcs11_token, pin)
+    try:
+        return KeyServer(keys, authorizer, context, settings, tls_files=files)
+    except BaseException:
+        _close_source(keys)
+        raise
+
+
+async def run_keyserver(
+    config: KeyServerConfig,
+    *,
+    ready: Callable[[str], None] = print,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``); reload on SIGHUP. Calls ``ready`` with one line
+    (``listening on HOST:PORT``, plus `` metrics on HOST:PORT``) once serving."""
+    loop = asyncio.get_running_loop()
+    server = build_key_server(config)
+    stop = stop if stop is not None else asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def hangup() -> None:
+        _log.info("SIGHUP: reloading keys and grants")
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    host, port = config.listen_address()
+    try:
+        bound = await server.start(host, port)
+        line = f"listening on {_format(bound)}"
+        if config.metrics_port is not None:
+            metrics = await server.start_metrics(config.metrics_host, config.metrics_port)
+            line += f" metrics on {_format(metrics)}"
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+        ready(line)
+        await stop.wait()
+        _log.info("stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await server.aclose()
+        if reloads:
+            await asyncio.gather(*reloads, return_exceptions=True)
+
+
+def _format(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
