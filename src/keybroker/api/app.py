@@ -27,6 +27,7 @@ from keybroker.api.routes import (
     enrolment,
     grants,
     holdings,
+    keyless,
     keysets,
     log,
     principals,
@@ -105,7 +106,18 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
     app.state.metrics = registry
     app.state.rotation_loop = None
     install_handlers(app)
-    routers = (system, enrolment, principals, keysets, grants, deliveries, holdings, log, rotation)
+    routers = (
+        system,
+        enrolment,
+        principals,
+        keysets,
+        grants,
+        deliveries,
+        holdings,
+        log,
+        rotation,
+        keyless,
+    )
     for module in routers:
         app.include_router(module.router)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]

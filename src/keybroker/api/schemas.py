@@ -149,9 +149,14 @@ class Response(BaseModel):
 # -- enrolment ---------------------------------------------------------------------------
 
 
+DnsName = Annotated[str, Field(min_length=1, max_length=253, examples=["ks1.example.net"])]
+
+
 class EnrolmentTokenCreate(Request):
     principal: PrincipalText
     ttl_seconds: TtlSeconds = 24 * 3600
+    #: Host names a ``service`` principal's certificate carries (it is a TLS server's too).
+    dns_names: Annotated[list[DnsName], Field(max_length=4)] = []
 
 
 class EnrolmentTokenIssued(Response):
@@ -161,6 +166,7 @@ class EnrolmentTokenIssued(Response):
     principal: str
     expires_at: datetime
     token: str = Field(repr=False)
+    dns_names: list[str] = []
 
 
 class HpkeKeyIn(Request):

@@ -21,6 +21,13 @@ Enrolling a principal that exists already re-keys it: its identity and HPKE
 keys are replaced, its old certificates are revoked (``superseded``) and
 deliveries sealed to the old HPKE key fail. A revoked principal cannot be
 enrolled again.
+
+Certificates are for TLS clients (EKU clientAuth), except that a ``service``
+principal's is also for TLS servers (clientAuth and serverAuth): a key server
+(keyless TLS) presents it to edges. A service's token may name DNS names
+(:func:`check_dns_names`), which its certificate then carries as subjectAltNames
+beside its ``keybroker://`` URI; they come from the token the operator made,
+never from the CSR.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
@@ -42,10 +51,11 @@ from keybroker.broker._delivery_rows import fail_sent
 from keybroker.broker.events import EnrolmentTokenCreated, Event, PrincipalEnrolled, to_ms
 from keybroker.broker.messages import HpkeKeyBinding, verify_identity_signature
 from keybroker.broker.principals import REVOKED, find_row, revoke_certificates
-from keybroker.errors import AuthorizationError, Conflict, DecodeError
+from keybroker.errors import AuthorizationError, Conflict, DecodeError, RemoteProtocolError
 from keybroker.keys import X25519_HPKE
 from keybroker.pki import (
     PrincipalId,
+    PrincipalKind,
     certificate_der,
     csr_public_key,
     fingerprint,
@@ -59,6 +69,11 @@ TOKEN_BYTES: Final = 32
 MAX_TOKEN_LENGTH: Final = 128
 #: One answer for every token refusal: which check failed is no business of the caller's.
 _REFUSAL: Final = "enrolment token is unknown, used, expired or for another principal"
+#: DNS names one token may ask for (``enrolment_tokens.dns_names`` is VARCHAR(1024)).
+MAX_DNS_NAMES: Final = 4
+# A host name (RFC 1123 §2.1): LDH labels of 1-63 characters; no wildcard, no trailing dot.
+_DNS_LABEL: Final = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME: Final = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,8 @@ class EnrolmentToken:
     principal: PrincipalId
     expires_at: datetime
     secret: str = field(repr=False)
+    #: DNS names the principal's certificate will carry (service principals only).
+    dns_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,11 +100,46 @@ def token_hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
 
 
+def check_dns_names(principal: PrincipalId, names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` checked as DNS names for ``principal``'s certificate, lower-cased, in order.
+
+    Only ``service`` principals serve TLS, so only they may have any
+    (:class:`RemoteProtocolError` otherwise); each must be a host name (letters,
+    digits and hyphens in dot-separated labels; no wildcard, no IP address), at most
+    :data:`MAX_DNS_NAMES` of them (:class:`DecodeError` otherwise).
+    """
+    if isinstance(names, str):
+        raise DecodeError("DNS names are a list of names")
+    wanted = list(dict.fromkeys(names))
+    if not wanted:
+        return ()
+    if principal.kind is not PrincipalKind.SERVICE:
+        raise RemoteProtocolError(
+            f"only service principals serve TLS; {principal} cannot have DNS names"
+        )
+    if len(wanted) > MAX_DNS_NAMES:
+        raise DecodeError(f"at most {MAX_DNS_NAMES} DNS names")
+    checked: list[str] = []
+    for name in wanted:
+        text = name.lower() if isinstance(name, str) else ""
+        labels = text.split(".")
+        if len(text) > 253 or not _DNS_NAME.fullmatch(text) or labels[-1].isdigit():
+            raise DecodeError(f"{name!r:.80} is not a DNS host name")
+        checked.append(text)
+    return tuple(dict.fromkeys(checked))
+
+
 def create_enrolment_token(
-    ctx: BrokerContext, principal: PrincipalId | str, ttl_: timedelta
+    ctx: BrokerContext,
+    principal: PrincipalId | str,
+    ttl_: timedelta,
+    *,
+    dns_names: Iterable[str] = (),
 ) -> EnrolmentToken:
+    """A one-time token for ``principal``; :func:`check_dns_names` says which ``dns_names``."""
     pid = principal_id(principal)
     lifetime = ttl(ttl_, ctx.policy.max_token_ttl)
+    names = check_dns_names(pid, dns_names)
     secret = base64.urlsafe_b64encode(ctx.rng(TOKEN_BYTES)).rstrip(b"=").decode("ascii")
     token_id = ctx.new_id()
     now = ctx.now()
@@ -106,6 +158,7 @@ def create_enrolment_token(
                 created_at=now,
                 expires_at=expires_at,
                 used_at=None,
+                dns_names=",".join(names) or None,
             )
         )
         record(
@@ -120,7 +173,7 @@ def create_enrolment_token(
                 )
             ],
         )
-    return EnrolmentToken(token_id, pid, expires_at, secret)
+    return EnrolmentToken(token_id, pid, expires_at, secret, names)
 
 
 def _binding(pid: PrincipalId, public_key: bytes, key_id: int, template: str) -> HpkeKeyBinding:
@@ -135,8 +188,11 @@ def _binding(pid: PrincipalId, public_key: bytes, key_id: int, template: str) ->
     return binding
 
 
-def _spend_token(conn: Connection, secret: str, pid: PrincipalId, now: datetime) -> str:
-    """Mark the token used; :class:`AuthorizationError` unless it could be spent just now."""
+def _spend_token(
+    conn: Connection, secret: str, pid: PrincipalId, now: datetime
+) -> tuple[str, tuple[str, ...]]:
+    """Mark the token used and return its id and DNS names; :class:`AuthorizationError`
+    unless it could be spent just now."""
     token = conn.execute(
         sa.select(enrolment_tokens).where(enrolment_tokens.c.token_hash == token_hash(secret))
     ).one_or_none()
@@ -162,7 +218,8 @@ def _spend_token(conn: Connection, secret: str, pid: PrincipalId, now: datetime)
     if spent.rowcount != 1:
         raise AuthorizationError(_REFUSAL)
     token_id: str = token.id
-    return token_id
+    names = tuple(token.dns_names.split(",")) if token.dns_names else ()
+    return token_id, names
 
 
 def enrol(
@@ -191,14 +248,23 @@ def enrol(
     now = ctx.now()
     with ctx.store.transaction() as conn:
         ctx.store.lock(conn, f"principal/{pid}")
-        token_id = _spend_token(conn, token, pid, now)
+        token_id, names = _spend_token(conn, token, pid, now)
         existing = find_row(conn, pid)
         if existing is not None and existing.status == REVOKED:
             raise AuthorizationError(f"{pid} is revoked")
         row_id = ctx.new_id() if existing is None else existing.id
         serial = row_id if existing is None else (existing.serial_number or row_id)
+        # A service may serve TLS (a keyless key server does): its certificate is for
+        # servers too, with the DNS names its token named. Nothing else comes from the CSR.
+        service = pid.kind is PrincipalKind.SERVICE
         cert = ctx.ca.issue_identity_from_csr(
-            request, pid, now, ctx.policy.identity_validity, serial_number=serial
+            request,
+            pid,
+            now,
+            ctx.policy.identity_validity,
+            serial_number=serial,
+            server_auth=service,
+            extra_sans=[x509.DNSName(name) for name in names] if service else (),
         )
         key_columns = {
             "status": "active",

@@ -11,6 +11,7 @@ database.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -120,9 +121,10 @@ class Broker:
     # -- enrolment and principals --------------------------------------------------
 
     def create_enrolment_token(
-        self, principal: PrincipalId | str, ttl: timedelta
+        self, principal: PrincipalId | str, ttl: timedelta, *, dns_names: Iterable[str] = ()
     ) -> EnrolmentToken:
-        return enrolment.create_enrolment_token(self._ctx, principal, ttl)
+        """A one-time enrolment token; a ``service``'s may name DNS names for its certificate."""
+        return enrolment.create_enrolment_token(self._ctx, principal, ttl, dns_names=dns_names)
 
     def enrol(
         self,

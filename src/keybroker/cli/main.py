@@ -13,6 +13,7 @@ from rich.console import Console
 from keybroker import __version__
 from keybroker.cli import operator
 from keybroker.errors import KeybrokerError
+from keybroker.flows.keyless.cli import keyless_app
 from keybroker.flows.keyless.edge_cli import edge_command
 from keybroker.flows.keyless.keyserver_cli import keyserver_command
 from keybroker.flows.rotation.agent_cli import agent_command
@@ -210,6 +211,7 @@ app.command("agent")(agent_command)
 app.command("edge")(edge_command)
 app.command("keyserver")(keyserver_command)
 app.add_typer(rotation_app, name="rotation")
+app.add_typer(keyless_app, name="keyless")
 
 
 def main() -> None:

@@ -67,11 +67,15 @@ delivery_app = typer.Typer(help="Key versions sealed to principals.", no_args_is
 def principal_token(
     principal: Annotated[str, typer.Argument(help="KIND/NAME, e.g. site/fra1")],
     ttl: Annotated[str, typer.Option(help="how long the token is valid")] = "1h",
+    dns: Annotated[
+        list[str] | None,
+        typer.Option(help="DNS name for a service's TLS server certificate (repeatable)"),
+    ] = None,
     home: HomeOption = None,
 ) -> None:
     """Create a one-time enrolment token (shown once, never stored in clear)."""
     with broker_for(home) as broker:
-        token = broker.create_enrolment_token(principal, parse_duration(ttl))
+        token = broker.create_enrolment_token(principal, parse_duration(ttl), dns_names=dns or ())
     out.print(f"enrolment token for {token.principal}, valid until {_when(token.expires_at)}:")
     typer.echo(token.secret)
 

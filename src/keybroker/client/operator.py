@@ -86,9 +86,16 @@ class OperatorClient:
     # -- enrolment tokens and principals -----------------------------------------------
 
     async def create_enrolment_token(
-        self, principal: PrincipalId | str, ttl: timedelta | int = timedelta(hours=24)
+        self,
+        principal: PrincipalId | str,
+        ttl: timedelta | int = timedelta(hours=24),
+        *,
+        dns_names: Iterable[str] = (),
     ) -> schemas.EnrolmentTokenIssued:
-        body = schemas.EnrolmentTokenCreate(principal=str(principal), ttl_seconds=_seconds(ttl))
+        """A one-time token; a ``service``'s may name DNS names for its (TLS server) certificate."""
+        body = schemas.EnrolmentTokenCreate(
+            principal=str(principal), ttl_seconds=_seconds(ttl), dns_names=list(dns_names)
+        )
         return await self._call(
             schemas.EnrolmentTokenIssued, "POST", "/v1/enrolment-tokens", body=body
         )

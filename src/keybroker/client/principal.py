@@ -17,11 +17,11 @@ recorded is never for a key the principal lost in a crash.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
+from pydantic import BaseModel
 
 from keybroker.api import schemas
 from keybroker.api.settings import utc_now
@@ -56,6 +57,7 @@ from keybroker.pki import PrincipalId, load_certificate, principal_of
 
 IdentityAlgorithm = Literal["ed25519", "p256"]
 Clock = Callable[[], datetime]
+_M = TypeVar("_M", bound=BaseModel)
 
 #: Extra seconds a long-poll's HTTP timeout allows beyond the wait asked for.
 _POLL_SLACK: Final = 30.0
@@ -320,6 +322,21 @@ class PrincipalClient:
             self.open_delivery(delivery)
             acked.append(await self.ack(delivery))
         return acked
+
+    # -- flows' own routes -----------------------------------------------------------------
+
+    async def call(
+        self,
+        model: type[_M],
+        method: str,
+        path: str,
+        *,
+        body: BaseModel | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> _M:
+        """A request signed by this principal to any route principals call (a flow's own,
+        such as ``GET /v1/keyless/keys``), answered as ``model``; errors as in every call."""
+        return await self._conn.call(model, method, path, body=body, params=params, hook=self._sign)
 
     # -- what the broker says we hold -----------------------------------------------------
 

@@ -13,7 +13,7 @@ Secret formats (what :meth:`Secret.secret_bytes` returns and
 
 * AES-GCM, HMAC: the raw key;
 * Ed25519 (RFC 8032 §5.1.5) and X25519 (RFC 7748 §5): the 32-byte raw private key;
-* ECDSA and RSA: unencrypted PKCS#8 DER.
+* ECDSA (P-256, P-384) and RSA: unencrypted PKCS#8 DER.
 
 Public formats: the 32-byte raw key for Ed25519 and X25519,
 SubjectPublicKeyInfo DER for ECDSA and RSA.
@@ -295,12 +295,17 @@ class _DerPublic(VerifyingKey):
             if isinstance(self._key, rsa.RSAPublicKey):
                 self._key.verify(signature, data, _rsa_padding(self._scheme), hashes.SHA256())
             else:
-                self._key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+                self._key.verify(signature, data, ec.ECDSA(_ecdsa_hash(self._scheme)))
         except InvalidSignature:
             raise CryptoError() from None
 
 
-_Scheme = Literal["ecdsa", "pss", "pkcs1"]
+_Scheme = Literal["ecdsa", "ecdsa-sha384", "pss", "pkcs1"]
+
+
+def _ecdsa_hash(scheme: _Scheme) -> hashes.HashAlgorithm:
+    # P-384 keys sign with SHA-384 (the pairing TLS 1.3 names ecdsa_secp384r1_sha384).
+    return hashes.SHA384() if scheme == "ecdsa-sha384" else hashes.SHA256()
 
 
 def _rsa_padding(scheme: _Scheme) -> padding.AsymmetricPadding:
@@ -329,7 +334,7 @@ class _DerSecret(SigningSecret):
     def sign(self, data: bytes) -> bytes:
         if isinstance(self._key, rsa.RSAPrivateKey):
             return self._key.sign(data, _rsa_padding(self._scheme), hashes.SHA256())
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return self._key.sign(data, ec.ECDSA(_ecdsa_hash(self._scheme)))
 
     def public(self) -> VerifyingKey:
         return self._public
@@ -355,6 +360,29 @@ class EcdsaP256Kind(Kind):
         if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"):
             raise DecodeError("not a P-256 public key")
         return _DerPublic(key, "ecdsa")
+
+    @property
+    def asymmetric(self) -> bool:
+        return True
+
+
+class EcdsaP384Kind(Kind):
+    algorithm = "ECDSA P-384 with SHA-384, DER signatures"
+
+    def generate(self) -> Secret:
+        return _DerSecret(ec.generate_private_key(ec.SECP384R1()), "ecdsa-sha384")
+
+    def load_secret(self, raw: bytes) -> Secret:
+        key = _load_pkcs8(raw)
+        if not (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"):
+            raise KeysetError("not a P-384 private key")
+        return _DerSecret(key, "ecdsa-sha384")
+
+    def load_public(self, raw: bytes) -> Public:
+        key = _load_spki(raw)
+        if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"):
+            raise DecodeError("not a P-384 public key")
+        return _DerPublic(key, "ecdsa-sha384")
 
     @property
     def asymmetric(self) -> bool:

@@ -8,6 +8,18 @@ from one algorithm to another by rotation.
 
 To add a key type (an EMV issuer key, say): add a :class:`Purpose` member if
 it needs a new one, a ``Kind`` in ``_material.py`` and a template here.
+
+**TLS server keys** (``TLS_*``, keyless TLS, S5) hold a service's existing
+private key, imported with :meth:`~keybroker.keys.Keyset.import_secret_material`.
+They serve ``sign``: the keyset's own signatures (proofs of possession) are
+RSASSA-PSS with SHA-256, ECDSA with the curve's hash, or Ed25519, while the key
+server that receives one uses the key for every TLS handshake signature its
+type allows (an RSA key: RSASSA-PSS *and* PKCS#1 v1.5). The template also
+carries the key's policy: only an RSA key under a ``*_DECRYPT`` template may
+be used for RSA decryption (TLS 1.2 static-RSA key exchange). The policy is
+in the template because the template is part of every version's wrapped and
+sealed record, so it is authenticated wherever the key goes and cannot be
+changed without changing the version.
 """
 
 from __future__ import annotations
@@ -82,6 +94,24 @@ X25519_HPKE_CHACHA20: Final = _t(
     _material.X25519HpkeKind(AEAD.CHACHA20_POLY1305, "ChaCha20-Poly1305"),
 )
 
+
+def _tls_rsa(bits: int, *, decrypt: bool) -> _material.Kind:
+    kind = _material.RsaKind(bits, "pss")
+    uses = "signatures (PSS and PKCS#1 v1.5)" + (" and PKCS#1 v1.5 decryption" if decrypt else "")
+    kind.algorithm = f"RSA-{bits} TLS server key: {uses}; proofs of possession PSS with SHA-256"
+    return kind
+
+
+#: A service's TLS server keys (keyless TLS); see the module docstring.
+TLS_RSA2048: Final = _t("TLS_RSA2048", {Purpose.SIGN}, _tls_rsa(2048, decrypt=False))
+TLS_RSA3072: Final = _t("TLS_RSA3072", {Purpose.SIGN}, _tls_rsa(3072, decrypt=False))
+#: As ``TLS_RSA2048``/``TLS_RSA3072``, and the key server may also decrypt with the key.
+TLS_RSA2048_DECRYPT: Final = _t("TLS_RSA2048_DECRYPT", {Purpose.SIGN}, _tls_rsa(2048, decrypt=True))
+TLS_RSA3072_DECRYPT: Final = _t("TLS_RSA3072_DECRYPT", {Purpose.SIGN}, _tls_rsa(3072, decrypt=True))
+TLS_ECDSA_P256: Final = _t("TLS_ECDSA_P256", {Purpose.SIGN}, _material.EcdsaP256Kind())
+TLS_ECDSA_P384: Final = _t("TLS_ECDSA_P384", {Purpose.SIGN}, _material.EcdsaP384Kind())
+TLS_ED25519: Final = _t("TLS_ED25519", {Purpose.SIGN}, _material.Ed25519Kind())
+
 TEMPLATES: Final[Mapping[str, KeyTemplate]] = MappingProxyType(
     {
         t.name: t
@@ -96,6 +126,13 @@ TEMPLATES: Final[Mapping[str, KeyTemplate]] = MappingProxyType(
             RSA3072_PKCS1,
             X25519_HPKE,
             X25519_HPKE_CHACHA20,
+            TLS_RSA2048,
+            TLS_RSA3072,
+            TLS_RSA2048_DECRYPT,
+            TLS_RSA3072_DECRYPT,
+            TLS_ECDSA_P256,
+            TLS_ECDSA_P384,
+            TLS_ED25519,
         )
     }
 )

@@ -106,6 +106,9 @@ enrolment_tokens = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
     Column("used_at", UTCDateTime, nullable=True),
+    # DNS names the operator asked a service's certificate to carry (comma-separated,
+    # checked when the token was made); NULL for none (0006).
+    Column("dns_names", String(1024), nullable=True),
 )
 
 certificates = Table(

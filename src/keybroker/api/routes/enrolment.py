@@ -33,7 +33,9 @@ router = APIRouter(tags=["enrolment"])
 def create_token(
     body: EnrolmentTokenCreate, ctx: Context, response: Response
 ) -> EnrolmentTokenIssued:
-    issued = ctx.broker.create_enrolment_token(body.principal, timedelta(seconds=body.ttl_seconds))
+    issued = ctx.broker.create_enrolment_token(
+        body.principal, timedelta(seconds=body.ttl_seconds), dns_names=body.dns_names
+    )
     # The only response that carries a secret: no cache may keep it.
     response.headers["Cache-Control"] = "no-store"
     return EnrolmentTokenIssued(
@@ -41,6 +43,7 @@ def create_token(
         principal=str(issued.principal),
         expires_at=issued.expires_at,
         token=issued.secret,
+        dns_names=list(issued.dns_names),
     )
 
 

@@ -12,6 +12,8 @@ each opcode does to a key, in-process or in a PKCS#11 token), :mod:`.tlskeys`
 (the server name, peeked from the ClientHello before the handshake),
 :mod:`.keyserver` and :mod:`.authz` (the key server: mutual TLS, pipelined
 out-of-order replies, per-edge grants, metrics, reload on SIGHUP),
+:mod:`.service_keys`, :mod:`.brokered` and :mod:`.cli` (service keys uploaded to
+the broker, granted to edges, held by key-server principals; ``keybroker keyless``),
 :mod:`.keyclient` (the edge's pipelined mutual-TLS client to key servers),
 :mod:`.edge` (the TLS terminator: SNI routing, session tickets shared by its
 worker processes, HTTP proxying to the origin).
