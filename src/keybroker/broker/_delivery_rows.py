@@ -10,6 +10,7 @@ does the same for deliveries past their deadline.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -73,6 +74,40 @@ def fail_sent(
         )
         for row in _described(conn, ids)
     ]
+
+
+def fail_sent_versions(
+    conn: Connection, now: datetime, reason: str, versions: Iterable[tuple[str, int]]
+) -> list[Event]:
+    """:func:`fail_sent` for every ``sent`` delivery of any of ``versions`` ((keyset row
+    id, version) pairs), in one statement per 500 pairs."""
+    wanted = sorted(set(versions))
+    events: list[Event] = []
+    for start in range(0, len(wanted), 500):
+        part = wanted[start : start + 500]
+        ids = list(
+            conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.state == SENT,
+                    sa.tuple_(deliveries.c.keyset_id, deliveries.c.version).in_(part),
+                )
+                .values(state="failed", completed_at=now, failure_reason=reason)
+                .returning(deliveries.c.id)
+            ).scalars()
+        )
+        events += [
+            DeliveryFailed(
+                at_ms=to_ms(now),
+                delivery_id=row.id,
+                principal=f"{row.kind}/{row.name}",
+                keyset=row.keyset,
+                version=row.version,
+                reason=reason,
+            )
+            for row in _described(conn, ids)
+        ]
+    return events
 
 
 _FILTERS: dict[str, Any] = {

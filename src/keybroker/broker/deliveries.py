@@ -300,6 +300,7 @@ def deliver_loaded_in(  # noqa: PLR0917 - deliver_in()'s arguments, read beforeh
     *,
     new_in_this_transaction: bool = False,
     locked: bool = False,
+    inserts: list[dict[str, Any]] | None = None,
 ) -> tuple[DeliveryEnvelope, list[Event]]:
     """:func:`deliver_in` with the keyset already loaded in this transaction and the
     principal's checks read by :func:`holders_in`: the same checks, outcome and events.
@@ -308,6 +309,8 @@ def deliver_loaded_in(  # noqa: PLR0917 - deliver_in()'s arguments, read beforeh
     no delivery of it can exist yet and nobody else can see it: neither the lookup
     of one on its way nor the lock is needed. ``locked``: the caller already holds
     :func:`delivery_lock` for this delivery (taken with others in one statement).
+    ``inserts``: the new row is appended there instead of written, and the caller
+    writes it (:data:`DELIVERY_INSERT`, with others) before its transaction ends.
     """
     name, number = keyset_name(stored.keyset.name), version_number(version)
     if holder.keyset_id != stored.id:
@@ -317,7 +320,16 @@ def deliver_loaded_in(  # noqa: PLR0917 - deliver_in()'s arguments, read beforeh
     if not (locked or new_in_this_transaction):
         ctx.store.lock(conn, delivery_lock(holder.principal, name, number))
     return _deliver_checked(
-        ctx, conn, holder, name, number, lifetime, now, lambda: stored, new_in_this_transaction
+        ctx,
+        conn,
+        holder,
+        name,
+        number,
+        lifetime,
+        now,
+        lambda: stored,
+        new_in_this_transaction,
+        inserts,
     )
 
 
@@ -331,6 +343,7 @@ def _deliver_checked(  # noqa: PLR0917 - private; deliver_in()'s checked argumen
     now: datetime,
     load: Callable[[], StoredKeyset],
     unseen: bool = False,
+    inserts: list[dict[str, Any]] | None = None,
 ) -> tuple[DeliveryEnvelope, list[Event]]:
     """The rest of :func:`deliver_in`, under its lock (``now`` at millisecond precision).
 
@@ -383,24 +396,25 @@ def _deliver_checked(  # noqa: PLR0917 - private; deliver_in()'s checked argumen
         signature=b"",
     )
     envelope = replace(unsigned, signature=ctx.signer.sign(unsigned.signed_bytes()))
-    conn.execute(
-        _INSERT,
-        {
-            "id": new_id,
-            "principal_id": who.row_id,
-            "keyset_id": what,
-            "version": number,
-            "state": SENT,
-            "sealed": sealed,
-            "challenge": challenge,
-            "created_at": now,
-            "expires_at": expires_at,
-            "completed_at": None,
-            "failure_reason": None,
-            "signature": envelope.signature,
-            "ack_proof": None,
-        },
-    )
+    row = {
+        "id": new_id,
+        "principal_id": who.row_id,
+        "keyset_id": what,
+        "version": number,
+        "state": SENT,
+        "sealed": sealed,
+        "challenge": challenge,
+        "created_at": now,
+        "expires_at": expires_at,
+        "completed_at": None,
+        "failure_reason": None,
+        "signature": envelope.signature,
+        "ack_proof": None,
+    }
+    if inserts is None:
+        conn.execute(_INSERT, row)
+    else:
+        inserts.append(row)
     events.append(
         DeliverySent(
             at_ms=to_ms(now),
@@ -423,6 +437,8 @@ _CURRENT: Final = _SELECT.where(
     deliveries.c.state == sa.bindparam("sent"),
 )
 _INSERT: Final = deliveries.insert()
+#: Writes the rows :func:`deliver_loaded_in` appended to its ``inserts``.
+DELIVERY_INSERT: Final = _INSERT
 _SETTLE: Final = (
     deliveries.update()
     .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.state == sa.bindparam("b_sent"))

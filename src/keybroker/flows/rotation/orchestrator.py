@@ -49,7 +49,9 @@ from sqlalchemy.engine import Connection
 
 from keybroker.broker import Broker, DeliveryEnvelope
 from keybroker.broker._context import BrokerContext, keyset_name, record
+from keybroker.broker._delivery_rows import fail_sent_versions
 from keybroker.broker.deliveries import (
+    DELIVERY_INSERT,
     Holder,
     deliver_in,
     deliver_loaded_in,
@@ -412,7 +414,7 @@ class Orchestrator:
             for row in rows:
                 step = advance(_record(row), Input.ABORT, to_ms(now), _policy(rollout), self._rng)
                 events += self._apply(batch, rollout_id, row, step, StepReport())
-            batch.flush()
+            events += batch.flush()
             events.append(self._set_rollout(conn, rollout_id, ABORTED, "aborted by operator", now))
             record(ctx, conn, events)
         self._settle_rollouts(now)
@@ -451,7 +453,7 @@ class Orchestrator:
             for row in rows:
                 step = advance(_record(row), Input.RETRY, to_ms(now), policy, self._rng)
                 events += self._apply(batch, rollout_id, row, step, StepReport())
-            batch.flush()
+            events += batch.flush()
             conn.execute(
                 rotation_rollouts.update()
                 .where(rotation_rollouts.c.id == rollout_id)
@@ -632,7 +634,7 @@ class Orchestrator:
                 ):
                     continue  # a halted or aborted rollout starts nothing new
                 events += self._step_link(batch, row, event, reason, policy, report, careful)
-            batch.flush()
+            events += batch.flush()
             record(ctx, conn, events)
         return len(ids)
 
@@ -873,7 +875,7 @@ class Orchestrator:
         for row in rows:
             step = advance(_record(row), Input.ABORT, to_ms(now), policy, self._rng, reason=why)
             events += self._apply(batch, rollout.id, row, step, StepReport())
-        batch.flush()
+        events += batch.flush()
         return events
 
     def _set_rollout(
@@ -955,6 +957,10 @@ class _Batch:
         self._locked: set[tuple[PrincipalId, str, int]] = set()
         #: Versions added in this transaction: nothing can have been delivered of them.
         self._added: set[tuple[str, int]] = set()
+        #: Deferred mode: new delivery rows, and retired versions (keyset row id, version)
+        #: by reason, whose outstanding deliveries flush() fails.
+        self._inserts: list[dict[str, Any]] = []
+        self._retired: dict[str, list[tuple[str, int]]] = {}
         #: Keysets changed in memory and not yet saved (deferred mode only).
         self._dirty: dict[str, StoredKeyset] = {}
         self._defer = defer
@@ -963,10 +969,18 @@ class _Batch:
         """Queue one link record's compare-and-set write; :meth:`flush` does them all."""
         self._link_updates.append(values)
 
-    def flush(self) -> None:
-        """Write the deferred keyset changes and the queued link records, one statement
-        per kind of write; :class:`Conflict` (the whole batch rolls back) if any of
-        them was changed since it was read."""
+    def flush(self) -> list[Event]:
+        """Write the deferred keyset changes, deliveries and link records, one statement
+        per kind of write, and fail the outstanding deliveries of the versions retired;
+        returns the events of those. :class:`Conflict` (the whole batch rolls back) if
+        a keyset or link was changed since it was read."""
+        inserts, self._inserts = self._inserts, []
+        if inserts:
+            self.conn.execute(DELIVERY_INSERT, inserts)
+        events: list[Event] = []
+        retired, self._retired = self._retired, {}
+        for reason, versions in retired.items():
+            events += fail_sent_versions(self.conn, self.now, reason, versions)
         dirty, self._dirty = self._dirty, {}
         for saved in self.ctx.keysets.save_many(list(dirty.values()), conn=self.conn):
             name = keyset_name(saved.keyset.name)
@@ -975,13 +989,14 @@ class _Batch:
             self._heads[name] = (saved.id, saved.revision)
         updates, self._link_updates = self._link_updates, []
         if not updates:
-            return
+            return events
         if self.conn.dialect.supports_sane_multi_rowcount:
             written = self.conn.execute(_LINK_UPDATE, updates).rowcount
         else:
             written = sum(self.conn.execute(_LINK_UPDATE, u).rowcount for u in updates)
         if written != len(updates):
             raise Conflict("a link was changed concurrently")
+        return events
 
     def lock_keysets(self, names: list[str]) -> None:
         for start in range(0, len(names), 500):
@@ -1064,6 +1079,12 @@ class _Batch:
         if saved is not stored:
             self._cache[keyset_name(name)] = saved
             self._heads[keyset_name(name)] = (saved.id, saved.revision)
+        if self._defer and info.state.value in ("disabled", "destroyed"):
+            # Its outstanding deliveries are failed with the others at flush().
+            self._retired.setdefault(f"key version {info.state.value}", []).append(
+                (saved.id, info.version)
+            )
+            return info, events
         return info, events + _retire_deliveries(self.conn, saved, info, self.now)
 
     def deliver(
@@ -1085,6 +1106,7 @@ class _Batch:
             self.now,
             new_in_this_transaction=(keyset_name(name), version) in self._added,
             locked=(to, keyset_name(name), version) in self._locked,
+            inserts=self._inserts if self._defer else None,
         )
 
     def forget(self, name: str) -> None:
