@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import SimpleNamespace
@@ -173,6 +173,27 @@ def deliver(
     return envelope
 
 
+def outstanding_deliveries(
+    conn: Connection, which: Iterable[tuple[str, str, int]]
+) -> dict[tuple[str, str, int], Any]:
+    """The ``sent`` delivery of each (principal row id, keyset row id, version) in
+    ``which`` that has one, in one query per 300; read under the deliveries' locks
+    (:func:`delivery_lock`) it is what :func:`deliver_loaded_in` would look up."""
+    wanted = sorted(set(which))
+    found: dict[tuple[str, str, int], Any] = {}
+    for start in range(0, len(wanted), 300):
+        part = wanted[start : start + 300]
+        query = _SELECT.where(
+            deliveries.c.state == SENT,
+            sa.tuple_(deliveries.c.principal_id, deliveries.c.keyset_id, deliveries.c.version).in_(
+                part
+            ),
+        )
+        for row in conn.execute(query):
+            found[(row.principal_id, row.keyset_id, row.version)] = row
+    return found
+
+
 def delivery_lock(principal: PrincipalId, keyset: str, version: int) -> str:
     """The name of the lock a delivery of ``version`` of ``keyset`` to ``principal`` takes
     (:meth:`~keybroker.store.engine.Store.lock`), so two cannot both be made."""
@@ -301,6 +322,7 @@ def deliver_loaded_in(  # noqa: PLR0917 - deliver_in()'s arguments, read beforeh
     new_in_this_transaction: bool = False,
     locked: bool = False,
     inserts: list[dict[str, Any]] | None = None,
+    outstanding: Mapping[tuple[str, str, int], Any] | None = None,
 ) -> tuple[DeliveryEnvelope, list[Event]]:
     """:func:`deliver_in` with the keyset already loaded in this transaction and the
     principal's checks read by :func:`holders_in`: the same checks, outcome and events.
@@ -311,6 +333,8 @@ def deliver_loaded_in(  # noqa: PLR0917 - deliver_in()'s arguments, read beforeh
     :func:`delivery_lock` for this delivery (taken with others in one statement).
     ``inserts``: the new row is appended there instead of written, and the caller
     writes it (:data:`DELIVERY_INSERT`, with others) before its transaction ends.
+    ``outstanding``: what :func:`outstanding_deliveries` read for this delivery among
+    others, under its lock; absent from it means none is on its way.
     """
     name, number = keyset_name(stored.keyset.name), version_number(version)
     if holder.keyset_id != stored.id:
@@ -330,6 +354,7 @@ def deliver_loaded_in(  # noqa: PLR0917 - deliver_in()'s arguments, read beforeh
         lambda: stored,
         new_in_this_transaction,
         inserts,
+        outstanding,
     )
 
 
@@ -344,6 +369,7 @@ def _deliver_checked(  # noqa: PLR0917 - private; deliver_in()'s checked argumen
     load: Callable[[], StoredKeyset],
     unseen: bool = False,
     inserts: list[dict[str, Any]] | None = None,
+    outstanding: Mapping[tuple[str, str, int], Any] | None = None,
 ) -> tuple[DeliveryEnvelope, list[Event]]:
     """The rest of :func:`deliver_in`, under its lock (``now`` at millisecond precision).
 
@@ -360,6 +386,8 @@ def _deliver_checked(  # noqa: PLR0917 - private; deliver_in()'s checked argumen
     current = (
         None
         if unseen
+        else outstanding.get((who.row_id, what, number))
+        if outstanding is not None
         else conn.execute(
             _CURRENT,
             {"principal_row": who.row_id, "keyset_row": what, "number": number, "sent": SENT},

@@ -58,6 +58,7 @@ from keybroker.broker.deliveries import (
     delivery_lock,
     expire_in,
     holders_in,
+    outstanding_deliveries,
 )
 from keybroker.broker.events import Event, from_ms, to_ms
 from keybroker.broker.grants import GrantMode
@@ -953,8 +954,10 @@ class _Batch:
         self._holders: dict[tuple[PrincipalId, str], Holder] = {}
         self._postgres = ctx.store.dialect == "postgresql"
         self._link_updates: list[dict[str, Any]] = []
-        #: Deliveries (principal, keyset, version) whose lock this transaction holds.
+        #: Deliveries (principal, keyset, version) whose lock this transaction holds, and
+        #: what was on its way for them when it was taken (outstanding_deliveries).
         self._locked: set[tuple[PrincipalId, str, int]] = set()
+        self._outstanding: dict[tuple[str, str, int], Any] = {}
         #: Versions added in this transaction: nothing can have been delivered of them.
         self._added: set[tuple[str, int]] = set()
         #: Deferred mode: new delivery rows, and retired versions (keyset row id, version)
@@ -1022,10 +1025,18 @@ class _Batch:
             self._heads[name] = (stored.id, stored.revision)
 
     def lock_deliveries(self, which: Iterable[tuple[PrincipalId, str, int]]) -> None:
-        """Take the delivery locks of ``which`` (principal, keyset, version) in one go."""
+        """Take the delivery locks of ``which`` (principal, keyset, version) in one go, and
+        read under them the deliveries already on their way (one query, not one each)."""
         wanted = {(to, keyset_name(name), version) for to, name, version in which}
+        wanted = {w for w in wanted if (w[0], w[1]) in self._holders}
+        if not wanted:
+            return
         self.ctx.store.lock_many(
             self.conn, [delivery_lock(to, name, version) for to, name, version in wanted]
+        )
+        rows = [(self._holders[(to, name)], version) for to, name, version in wanted]
+        self._outstanding.update(
+            outstanding_deliveries(self.conn, [(h.row_id, h.keyset_id, v) for h, v in rows])
         )
         self._locked |= wanted
 
@@ -1096,6 +1107,7 @@ class _Batch:
             # Not read (no such principal or keyset?): deliver_in says what is wrong.
             return deliver_in(self.ctx, self.conn, name, version, to, ttl_, self.now)
         stored = self.keyset(name)
+        covered = (to, keyset_name(name), version) in self._locked
         return deliver_loaded_in(
             self.ctx,
             self.conn,
@@ -1105,8 +1117,9 @@ class _Batch:
             ttl_,
             self.now,
             new_in_this_transaction=(keyset_name(name), version) in self._added,
-            locked=(to, keyset_name(name), version) in self._locked,
+            locked=covered,
             inserts=self._inserts if self._defer else None,
+            outstanding=self._outstanding if covered else None,
         )
 
     def forget(self, name: str) -> None:
