@@ -41,6 +41,7 @@ from keybroker.errors import (
     KeysetError,
     RootKeyError,
 )
+from keybroker.flows.keyless.demo import stage_keyless
 from keybroker.flows.rotation.demo import stage_rotation
 from keybroker.keys import AES256_GCM, ED25519, SECRET_ACCESS, X25519_HPKE, Keyset
 from keybroker.log import merkle
@@ -334,6 +335,7 @@ STAGES: list[tuple[str, Callable[[DemoState], str]]] = [
     ("delivery and ack", stage_deliver),
     ("log over the API", stage_log_api),
     ("staged rotation", stage_rotation),
+    ("keyless TLS", stage_keyless),
 ]
 
 

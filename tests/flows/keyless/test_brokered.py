@@ -12,6 +12,7 @@ import logging
 import ssl
 import stat
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -61,11 +62,16 @@ from keybroker.flows.keyless.brokered import (
     BrokerAuthorizer,
     BrokerKeySource,
     KeyServerPrincipal,
+    client_tls_credentials,
+    client_tls_files,
     open_brokered,
     server_tls_credentials,
     server_tls_files,
 )
 from keybroker.flows.keyless.codes import ErrorCode, Op
+from keybroker.flows.keyless.keyclient import KeyClient
+from keybroker.flows.keyless.keyserver import KeyServer as KeylessServer
+from keybroker.flows.keyless.keyserver import KeyServerSettings, identity_tls_context
 from keybroker.flows.keyless.operations import KeyOperationError, ski_of
 from keybroker.flows.keyless.service_keys import (
     ServiceKeyRefused,
@@ -74,6 +80,7 @@ from keybroker.flows.keyless.service_keys import (
     WeakKeyError,
     decode_keyless_event,
 )
+from keybroker.flows.keyless.tlskeys import KeyOperationFailed
 from keybroker.keys import SECRET_ACCESS
 from keybroker.pki import PrincipalId, load_certificate
 from keybroker.store.schema import metadata
@@ -641,3 +648,111 @@ def test_the_authorizer_takes_the_policy_from_the_template_too() -> None:
             authorizer.check(EDGE1, ski, Op.RSA_DECRYPT)
         else:
             refused(lambda a=authorizer: a.check(EDGE1, ski, Op.RSA_DECRYPT))
+
+
+# -- a key server on broker keys, edges on their enrolment identities ------------------------------
+
+
+def _scratch_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("keybroker-keyserver-*"))
+
+
+async def test_a_key_server_on_broker_keys_serves_an_enrolled_edge_over_mutual_tls(
+    lite: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What ``keybroker keyserver --keyring`` assembles, in-process: the key server's TLS
+    identity is its enrolment, the edge's client certificate is its own enrolment's, and keys
+    and grants follow the broker at each reload (a new version served, a revocation obeyed)."""
+    caplog.set_level(logging.INFO, logger="keybroker.keyless")
+    keyless = ServiceKeys(lite.broker)
+    first = p256_key()
+    keyless.upload("www", pem(first))
+    ks_path, ks_kek = await enrol(lite, "service/ks1", dns_names=("ks1.keyless.test",))
+    edge_path, edge_kek = await enrol(lite, "node/edge1")
+    keyless.grant_edge("www", "node/edge1")
+
+    principal = KeyServerPrincipal(ks_path, kek=ks_kek, transport=lite.transport, clock=lite.clock)
+    creds = server_tls_credentials(principal.keyring)
+    scratch = _scratch_dirs()
+    context = identity_tls_context(creds.certificate_pem, creds.private_key, creds.ca_pem)
+    assert _scratch_dirs() == scratch  # the (encrypted) key file is gone once loaded
+    server = KeylessServer(
+        BrokerKeySource(principal),
+        BrokerAuthorizer(principal),
+        context,
+        KeyServerSettings(workers=1),
+        allow_empty=True,
+    )
+    _, port = await server.start("127.0.0.1", 0)
+
+    files = client_tls_files(edge_path, kek=edge_kek, directory=lite.tmp / "edge" / "tls")
+    assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(files.key.parent.stat().st_mode) == 0o700
+    assert files.ca.read_bytes() == lite.ca_pem and files.principal == EDGE1
+    edge_cert = load_certificate(files.cert.read_bytes())
+    assert (
+        edge_cert.public_key()
+        == client_tls_credentials(edge_path, kek=edge_kek).private_key.public_key()
+    )
+    assert_no_secret(
+        b"".join(f.read_bytes() for f in (files.cert, files.key, files.ca)),
+        first,
+        "the edge's files",
+    )
+    client = KeyClient.from_files(
+        [f"127.0.0.1:{port}"], ca=files.ca, cert=files.cert, key=files.key,
+        server_name="ks1.keyless.test",
+    )  # fmt: skip
+
+    def sign(ski: bytes) -> bytes:
+        digest = hashlib.sha256(b"CertificateVerify " + ski).digest()
+        return client.operate(Op.ECDSA_SIGN_SHA256, ski, digest, sni="www")
+
+    def verify(key: ec.EllipticCurvePrivateKey, ski: bytes, signature: bytes) -> None:
+        digest = hashlib.sha256(b"CertificateVerify " + ski).digest()
+        key.public_key().verify(signature, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+    try:
+        # Started before it holds anything: up, but not healthy, and it refuses.
+        assert server.health()[0] == 503
+        ski1 = ski_of(first.public_key())
+        with pytest.raises(KeyOperationFailed) as caught:
+            await asyncio.to_thread(sign, ski1)
+        assert caught.value.code is ErrorCode.NOT_AUTHORIZED
+
+        keyless.hold("www", "service/ks1")
+        assert await server.reload(quiet=True)
+        assert server.health() == (200, "ok: 1 keys, generation 2\n")
+        verify(first, ski1, await asyncio.to_thread(sign, ski1))
+
+        # A new version is served after the next reload; the old one still is.
+        second = p256_key()
+        keyless.upload("www", pem(second))
+        ski2 = ski_of(second.public_key())
+        assert await server.reload(quiet=True)
+        verify(second, ski2, await asyncio.to_thread(sign, ski2))
+        verify(first, ski1, await asyncio.to_thread(sign, ski1))
+
+        # Revoked: refused at the next reload, on the connection already open.
+        keyless.revoke_edge("www", "node/edge1")
+        assert await server.reload(quiet=True)
+        for ski in (ski1, ski2):
+            with pytest.raises(KeyOperationFailed) as caught:
+                await asyncio.to_thread(sign, ski)
+            assert caught.value.code is ErrorCode.NOT_AUTHORIZED
+        assert "grants: node/edge1 may no longer use keyless/www" in caplog.text
+    finally:
+        client.close()
+        await server.aclose()
+    # The service keys were in no log line (the edge's identity key is not a service key).
+    assert_no_secret(caplog.text, first, "the logs")
+    assert_no_secret(caplog.text, second, "the logs")
+
+
+async def test_client_tls_files_need_an_enrolled_keyring(lite: Env) -> None:
+    path, kek = await enrol(lite, "node/edge1")
+    keyring = Keyring.load(path, KekSource(kek=kek))
+    keyring.certificate_pem = b""
+    with pytest.raises(ConfigurationError, match="no certificate yet"):
+        client_tls_files(keyring, directory=lite.tmp / "tls")
+    assert not (lite.tmp / "tls").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from rich.console import Console
@@ -28,7 +29,7 @@ from keybroker.flows.keyless import cli as keyless_cli
 from keybroker.flows.keyless.cli import keyless_app
 from keybroker.flows.keyless.codes import ErrorCode, Op
 from keybroker.flows.keyless.operations import KeyOperationError, ski_of
-from keybroker.pki import PrincipalId
+from keybroker.pki import PrincipalId, principal_of
 
 EDGE1 = PrincipalId.parse("node/edge1")
 
@@ -174,3 +175,48 @@ async def test_refusals_exit_2_with_a_message_and_change_nothing(env: Env) -> No
     assert env.dump() == before
     empty = kb(env, "list")
     assert "no keyless services yet" in empty.stdout
+
+
+async def test_tls_files_writes_the_edges_identity_for_keybroker_edge(env: Env) -> None:
+    """On the edge's host: its enrolment certificate, its identity key (0600) and the broker
+    CA, from its keyring; the passphrase comes from the environment only."""
+    from keyless_broker_kit import URL
+
+    from keybroker.client.principal import PrincipalClient
+
+    issued = await env.operator().create_enrolment_token("node/edge1", 3600)
+    keyring = env.tmp / "edge1.keyring"
+    client = await PrincipalClient.enrol(
+        URL, env.ca_pem, "node/edge1", issued.token, keyring,
+        passphrase="edge one passphrase", transport=env.transport, clock=env.clock,
+    )  # fmt: skip
+    await client.aclose()
+    out = env.tmp / "edge" / "tls"
+
+    def run(*args: str, passphrase: str | None) -> Result:
+        return CliRunner().invoke(
+            app,
+            ["keyless", "tls-files", "--keyring", str(keyring), "--out", str(out), *args],
+            env={"EDGE1_PASSPHRASE": passphrase},
+        )
+
+    missing = run("--passphrase-env", "EDGE1_PASSPHRASE", passphrase=None)
+    assert missing.exit_code == 2 and "EDGE1_PASSPHRASE is not set" in missing.output
+    wrong = run("--passphrase-env", "EDGE1_PASSPHRASE", passphrase="not the passphrase")
+    assert wrong.exit_code == 2 and "error:" in wrong.stderr and not out.exists()
+    done = run("--passphrase-env", "EDGE1_PASSPHRASE", passphrase="edge one passphrase")
+    assert done.exit_code == 0, (done.stdout, done.stderr, done.exception)
+    assert "wrote the mutual-TLS files of node/edge1" in done.stdout
+    assert f'key = "{out / "node-edge1.key"}"' in done.stdout
+    assert "edge one passphrase" not in done.stdout + done.stderr
+    assert (out.stat().st_mode & 0o777, (out / "node-edge1.key").stat().st_mode & 0o777) == (
+        0o700,
+        0o600,
+    )
+    assert (out / "broker-ca.pem").read_bytes() == env.ca_pem
+    certificate = x509.load_pem_x509_certificate((out / "node-edge1.crt").read_bytes())
+    identity = serialization.load_pem_private_key(
+        (out / "node-edge1.key").read_bytes(), password=None
+    )
+    assert certificate.public_key() == identity.public_key()
+    assert principal_of(certificate) == EDGE1

@@ -17,8 +17,9 @@ import secrets
 import signal
 import socket
 import ssl
+import tempfile
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ from keybroker.flows.keyless.keyserver import (
     PemKeySource,
     Pkcs11KeySource,
     TlsFiles,
+    identity_tls_context,
     perform_batch,
+    run_keyserver,
     server_tls_context,
 )
 from keybroker.flows.keyless.operations import KeyOperationError, PrivateKey
@@ -615,6 +618,79 @@ async def test_reload_applies_new_grants_and_refuses_a_bad_table(
     await running.assert_healthy(ed25519=False)  # edge1 lost it with the reload
 
 
+async def test_periodic_reloads_log_changes_and_the_first_of_repeated_failures(
+    start: Starter, material: Material, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="keybroker.keyless.keyserver")
+    running = await start()
+    server = running.server
+
+    def levels(text: str) -> list[int]:
+        found = [r.levelno for r in caplog.records if r.getMessage().startswith(text)]
+        caplog.clear()
+        return found
+
+    assert await server.reload(quiet=True) is True  # nothing changed: a debug line only
+    assert levels("reloaded") == [logging.DEBUG]
+    running.grants.write_text('[edges]\n"node/edge2" = ["no-such-key"]\n')
+    assert await server.reload(quiet=True) is False
+    assert levels("reload refused") == [logging.ERROR]
+    assert await server.reload(quiet=True) is False  # the same failure again: quiet
+    assert levels("reload refused") == [logging.DEBUG]
+    running.grants.write_text(default_grants(material.keys))
+    assert await server.reload(quiet=True) is True  # recovered: said out loud
+    assert levels("reloaded") == [logging.INFO]
+    running.grants.write_text(grants_toml(material.keys, {"node/edge1": ["p256"]}))
+    assert await server.reload(quiet=True) is True  # the grants changed
+    assert levels("reloaded") == [logging.INFO]
+    assert await server.reload() is True  # SIGHUP: always said
+    assert levels("reloaded") == [logging.INFO]
+    running.grants.write_text("[edges\n")
+    assert await server.reload() is False
+    running.grants.write_text("oops")
+    assert await server.reload() is False  # not quiet: every failure is an error
+    assert levels("reload refused") == [logging.ERROR, logging.ERROR]
+
+
+async def test_run_keyserver_reloads_every_refresh_seconds(
+    material: Material, tmp_path: Path
+) -> None:
+    settings = _base_config(material, tmp_path)
+    config = KeyServerConfig.from_mapping(
+        {**settings, "listen": "127.0.0.1:0", "refresh": 0.2, "workers": 1, "metrics_port": 0}
+    )
+    assert config.refresh_interval == 0.2
+    stop = asyncio.Event()
+    lines: list[str] = []
+    task = asyncio.create_task(run_keyserver(config, ready=lines.append, stop=stop))
+    try:
+        async with asyncio.timeout(20):
+            while not lines:
+                await asyncio.sleep(0.02)
+        port = int(lines[0].split()[2].rsplit(":", 1)[1])
+        pki = material.pki
+        edge1 = await EdgeClient.connect(("127.0.0.1", port), pki.client_context(pki.edge1))
+        key = material.keys["p256"]
+        payload = payload_for(Op.ECDSA_SIGN_SHA256, key)
+        try:
+            response = await edge1.call(Op.ECDSA_SIGN_SHA256, ski(key), payload)
+            assert response.error_code is None
+            # No SIGHUP: the grants file alone changes, and the next refresh applies it.
+            Path(settings["grants"]).write_text(
+                grants_toml(material.keys, {"node/edge2": ["p256"]})
+            )
+            async with asyncio.timeout(10):
+                while response.error_code is None:
+                    await asyncio.sleep(0.05)
+                    response = await edge1.call(Op.ECDSA_SIGN_SHA256, ski(key), payload)
+            assert response.error_code is ErrorCode.NOT_AUTHORIZED
+        finally:
+            await edge1.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
 async def test_reload_picks_up_new_keys_and_keeps_the_old_on_a_bad_file(
     start: Starter, material: Material
 ) -> None:
@@ -1046,6 +1122,61 @@ def test_config_errors_name_the_bad_key(
         KeyServerConfig.from_mapping(settings)
 
 
+@pytest.mark.parametrize(
+    ("change", "bad_key"),
+    [
+        ({"cert": "server.crt"}, "cert"),
+        ({"grants": "grants.toml"}, "grants"),
+        ({"keys_dir": "keys"}, "keys_dir"),
+        ({"pkcs11_token": "t"}, "pkcs11_token"),
+        ({"pool": "process"}, "pool"),
+        ({"refresh": -1}, "refresh"),
+        ({"refresh": "5s"}, "refresh"),
+        ({"broker": "http://broker:8443"}, "broker"),
+        ({"passphrase_env": "MY PASS"}, "passphrase_env"),
+        ({"keyring": ""}, "keyring"),
+        ({"grants_max_age": 0}, "grants_max_age"),
+        ({"grants_max_age": 3}, "grants_max_age"),
+        ({"grants_max_age": 60, "refresh": 0}, "grants_max_age"),
+    ],
+)
+def test_broker_mode_config_errors_name_the_bad_key(
+    tmp_path: Path, change: dict[str, Any], bad_key: str
+) -> None:
+    settings = {"keyring": "ks1.keyring", **change}
+    with pytest.raises(ConfigurationError, match=f"^{bad_key}: "):
+        KeyServerConfig.from_mapping(settings, base=tmp_path)
+
+
+def test_broker_mode_config(material: Material, tmp_path: Path) -> None:
+    config = KeyServerConfig.from_mapping(
+        {"keyring": "ks1.keyring", "broker": "https://broker.example:8443", "workers": 2},
+        base=tmp_path,
+    )
+    assert config.brokered and config.keyring == tmp_path / "ks1.keyring"
+    assert (
+        config.refresh_interval == 5.0 and config.passphrase_env == "KEYBROKER_KEYRING_PASSPHRASE"
+    )
+    assert config.cert is None and config.grants is None
+    with pytest.raises(ConfigurationError, match=r"^cert: "):
+        config.tls_files()
+    off = KeyServerConfig.from_mapping(
+        {"keyring": "ks1.keyring", "refresh": 0, "passphrase-env": "KS_PASS"}, base=tmp_path
+    )
+    assert off.refresh_interval == 0.0 and off.passphrase_env == "KS_PASS"
+    # Files: no periodic reload unless asked; the broker settings are refused.
+    files = KeyServerConfig.from_mapping(_base_config(material, tmp_path))
+    assert not files.brokered and files.refresh_interval == 0.0
+    with pytest.raises(ConfigurationError, match=r"^broker: only with broker keys"):
+        KeyServerConfig.from_mapping({**_base_config(material, tmp_path), "broker": "https://b"})
+    with pytest.raises(ConfigurationError, match=r"^passphrase_env: only with broker keys"):
+        KeyServerConfig.from_mapping({**_base_config(material, tmp_path), "passphrase_env": "P"})
+    with pytest.raises(ConfigurationError, match=r"^grants_max_age: only with broker keys"):
+        KeyServerConfig.from_mapping({**_base_config(material, tmp_path), "grants_max_age": 60})
+    aged = KeyServerConfig.from_mapping({"keyring": "k", "grants-max-age": 60}, base=tmp_path)
+    assert aged.grants_max_age == 60.0
+
+
 def test_config_paths_are_relative_to_the_file(material: Material, tmp_path: Path) -> None:
     settings = _base_config(material, tmp_path)
     settings["grants"] = "grants.toml"
@@ -1116,6 +1247,27 @@ def test_tls_context_errors_name_the_file(material: Material, tmp_path: Path) ->
         server_tls_context(TlsFiles(pki.server.cert, loose, pki.ca.path))
 
 
+def test_identity_tls_context_leaves_no_key_on_disk(material: Material) -> None:
+    pki = material.pki
+
+    def scratch() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("keybroker-keyserver-*"))
+
+    before = scratch()
+    key = serialization.load_pem_private_key(pki.server.key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    cert = pki.server.cert.read_bytes()
+    ca = pki.ca.path.read_bytes()
+    context = identity_tls_context(cert, key, ca)
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert scratch() == before
+    with pytest.raises(ConfigurationError, match=r"^cert/key: "):
+        identity_tls_context(cert, ec.generate_private_key(ec.SECP256R1()), ca)
+    with pytest.raises(ConfigurationError, match=r"^client_ca: "):
+        identity_tls_context(cert, key, b"not a certificate")
+    assert scratch() == before
+
+
 # --- authorisation --------------------------------------------------------------------------
 
 
@@ -1170,6 +1322,21 @@ def test_grants_errors_name_the_bad_entry(document: dict[str, Any], message: str
 # --- the command ----------------------------------------------------------------------------
 
 
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """Undo the command's ``logging.basicConfig(force=True)``: its handler writes to a stream
+    CliRunner closes, and would break the logging of every later test in this process."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    httpx_level = logging.getLogger("httpx").level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("httpx").setLevel(httpx_level)
+
+
 def _cli() -> Any:
     import typer
 
@@ -1180,6 +1347,7 @@ def _cli() -> Any:
     return app
 
 
+@pytest.mark.usefixtures("root_logging")
 def test_cli_reports_bad_configuration_with_exit_status_2(
     material: Material, tmp_path: Path
 ) -> None:
@@ -1204,3 +1372,21 @@ def test_cli_reports_bad_configuration_with_exit_status_2(
         result = runner.invoke(_cli(), [*args, "--config", str(config)])
     assert result.exit_code == 2
     assert f"listen: cannot listen on 127.0.0.1:{port}" in result.output
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_cli_with_broker_keys_reports_what_is_missing(tmp_path: Path) -> None:
+    runner = CliRunner()
+    keyring = tmp_path / "ks1.keyring"
+    args = ["--keyring", str(keyring), "--passphrase-env", "KS1_PASSPHRASE", "--refresh", "2"]
+    result = runner.invoke(_cli(), args, env={"KS1_PASSPHRASE": None})
+    assert result.exit_code == 2
+    assert "configuration error: passphrase_env: environment variable KS1_PASSPHRASE" in (
+        result.output
+    )
+    result = runner.invoke(_cli(), args, env={"KS1_PASSPHRASE": "correct-horse-battery"})
+    assert result.exit_code == 2
+    assert f"configuration error: keyring: {keyring}: no keyring at {keyring}" in result.output
+    assert "correct-horse-battery" not in result.output
+    result = runner.invoke(_cli(), [*args, "--keys-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "keys_dir: not with broker keys" in result.output

@@ -23,6 +23,10 @@ principal (``keybroker enroll service/ks1 …``) with its encrypted keyring.
 * :func:`server_tls_credentials` / :func:`server_tls_files`: the key server's TLS
   server certificate is its enrolment certificate (a ``service`` principal's is
   for TLS servers too), with the identity key from its keyring.
+  ``keybroker keyserver --keyring`` runs a key server on all three.
+* :func:`client_tls_files`: an edge's client certificate, key and the broker CA,
+  from *its* keyring (``node/edge1``), as the files ``keybroker edge`` reads
+  (``keybroker keyless tls-files``).
 
 Both ``reload`` methods are synchronous, as the key server's reload hook calls
 them: each talks to the broker in a private event loop (in a worker thread if the
@@ -334,8 +338,14 @@ class BrokerKeySource:
         lists; return ``self``, updated. Raises (changing nothing served) if the broker
         cannot be asked."""
         keyring, wanted, now = self._principal.call(self._synchronise)
+        before = self._snap
         self._snap = self._build(keyring, wanted, now)
-        logger.info("%s", self.describe())
+        changed = before.loaded_at is None or (before.served, before.waiting) != (
+            self._snap.served,
+            self._snap.waiting,
+        )
+        # Periodic reloads: one line when what is served changes, not one per reload.
+        logger.log(logging.INFO if changed else logging.DEBUG, "%s", self.describe())
         return self
 
     async def _synchronise(
@@ -493,11 +503,32 @@ class BrokerAuthorizer:
                 allow_decrypt = key.allow_decrypt and kind is not None and kind.allow_decrypt
                 grant = _Grant(held.keyset, allow_decrypt, edges)
                 table.setdefault(bytes.fromhex(key.ski), []).append(grant)
-        self._table = {ski: tuple(grants) for ski, grants in table.items()}
+        new = {ski: tuple(grants) for ski, grants in table.items()}
+        first = self._loaded is None
+        if not first:
+            self._log_changes(self._table, new)
+        self._table = new
         self._keysets = len(view.keysets)
         self._loaded = self._monotonic()
-        logger.info("%s", self.describe())
+        logger.log(logging.INFO if first else logging.DEBUG, "%s", self.describe())
         return self
+
+    @staticmethod
+    def _log_changes(
+        old: Mapping[bytes, tuple[_Grant, ...]], new: Mapping[bytes, tuple[_Grant, ...]]
+    ) -> None:
+        """One line per edge that may now, or may no longer, use a keyset."""
+
+        def pairs(table: Mapping[bytes, tuple[_Grant, ...]]) -> set[tuple[str, str]]:
+            return {
+                (str(e), g.keyset) for grants in table.values() for g in grants for e in g.edges
+            }
+
+        before, after = pairs(old), pairs(new)
+        for edge, keyset in sorted(after - before):
+            logger.info("grants: %s may now use %s", edge, keyset)
+        for edge, keyset in sorted(before - after):
+            logger.info("grants: %s may no longer use %s", edge, keyset)
 
     def refresh(self) -> BrokerAuthorizer:
         """:meth:`reload` under the name the broker side uses."""
@@ -540,7 +571,8 @@ def open_brokered(
 
 @dataclass(frozen=True)
 class ServerTlsCredentials:
-    """A key server's TLS server identity: its enrolment certificate and identity key."""
+    """A principal's TLS identity: its enrolment certificate and identity key (a key
+    server's for TLS servers, an edge's for TLS clients)."""
 
     principal: PrincipalId
     certificate_pem: bytes
@@ -568,6 +600,26 @@ def server_tls_credentials(
     :class:`ConfigurationError` unless the certificate is this principal's and is for
     TLS servers (EKU serverAuth: the broker issues it to ``service`` principals).
     """
+    return _tls_credentials(keyring, passphrase, kek, ExtendedKeyUsageOID.SERVER_AUTH)
+
+
+def client_tls_credentials(
+    keyring: Path | Keyring,
+    passphrase: str | bytes | None = None,
+    *,
+    kek: KeyEncryptionKey | None = None,
+) -> ServerTlsCredentials:
+    """An edge's (any principal's) TLS client certificate, the broker CA and its identity
+    key, from its keyring: what it presents to a key server over mutual TLS."""
+    return _tls_credentials(keyring, passphrase, kek, ExtendedKeyUsageOID.CLIENT_AUTH)
+
+
+def _tls_credentials(
+    keyring: Path | Keyring,
+    passphrase: str | bytes | None,
+    kek: KeyEncryptionKey | None,
+    usage: x509.ObjectIdentifier,
+) -> ServerTlsCredentials:
     held = (
         keyring
         if isinstance(keyring, Keyring)
@@ -582,11 +634,13 @@ def server_tls_credentials(
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         eku = x509.ExtendedKeyUsage([])
-    if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
-        raise ConfigurationError(
-            f"the certificate of {held.principal} is not for TLS servers; a key server "
-            "enrols as a service principal (service/<name>)"
-        )
+    if usage not in eku:
+        if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+            raise ConfigurationError(
+                f"the certificate of {held.principal} is not for TLS servers; a key server "
+                "enrols as a service principal (service/<name>)"
+            )
+        raise ConfigurationError(f"the certificate of {held.principal} is not for TLS clients")
     # The identity key object, for a TLS library (audited: SECRET_ACCESS).
     key = held.identity.signer().private_key(SECRET_ACCESS)
     if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
@@ -624,6 +678,47 @@ def server_tls_files(
     return cert_path, key_path
 
 
+@dataclass(frozen=True)
+class ClientTlsFiles:
+    """Where :func:`client_tls_files` wrote an edge's mutual-TLS files (the ``[keyserver]``
+    ``cert``, ``key`` and ``ca`` of ``keybroker edge``)."""
+
+    principal: PrincipalId
+    cert: Path
+    key: Path
+    ca: Path
+    not_after: datetime
+
+
+def client_tls_files(
+    keyring: Path | Keyring,
+    passphrase: str | bytes | None = None,
+    *,
+    kek: KeyEncryptionKey | None = None,
+    directory: Path,
+) -> ClientTlsFiles:
+    """Write an edge's client certificate, its identity key and the broker CA for a TLS
+    library that reads files (``keybroker edge``'s ``[keyserver]`` section).
+
+    In ``directory`` (made with mode 0700 if missing): ``<kind>-<name>.crt``,
+    ``<kind>-<name>.key`` — the principal's **identity** key (never a service key), as
+    unencrypted PKCS#8 created with mode **0600** (temporary 0600 file renamed over the
+    old one) — and ``broker-ca.pem``, the CA that issues key servers' certificates (and
+    edges'). Run it again after the principal re-enrols.
+    """
+    creds = client_tls_credentials(keyring, passphrase, kek=kek)
+    directory = Path(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stem = str(creds.principal).replace("/", "-")
+    cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+    ca_path = directory / "broker-ca.pem"
+    _write_private(key_path, creds.key_pem(), 0o600)
+    _write_private(cert_path, creds.certificate_pem, 0o644)
+    _write_private(ca_path, creds.ca_pem, 0o644)
+    not_after = load_certificate(creds.certificate_pem).not_valid_after_utc
+    return ClientTlsFiles(creds.principal, cert_path, key_path, ca_path, not_after)
+
+
 def _write_private(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` atomically; the file never exists with another mode."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -643,8 +738,11 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
 __all__ = [
     "BrokerAuthorizer",
     "BrokerKeySource",
+    "ClientTlsFiles",
     "KeyServerPrincipal",
     "ServerTlsCredentials",
+    "client_tls_credentials",
+    "client_tls_files",
     "open_brokered",
     "server_tls_credentials",
     "server_tls_files",

@@ -17,6 +17,11 @@ logged like one made through the API.
     keybroker keyless revoke www --edge node/edge1
     keybroker keyless revoke www --keyserver service/ks1
 
+One command runs on an **edge's** host instead, with the edge's own keyring:
+``keybroker keyless tls-files --keyring edge1.keyring --out tls`` writes the
+edge principal's enrolment certificate, its identity key (0600) and the broker
+CA, the three files of ``keybroker edge``'s ``[keyserver]`` section.
+
 A refusal (weak key, unknown principal, nothing to revoke …) prints
 ``error: …`` on stderr and exits with status 2, as every ``keybroker`` command.
 Heavy modules are imported inside the commands so ``keybroker --help`` stays quick.
@@ -275,6 +280,52 @@ def list_keys(
             )
     out.print(table)
     out.print("✓: the key server acknowledged that version (proof of possession)")
+
+
+@keyless_app.command("tls-files")
+def tls_files(
+    keyring: Annotated[
+        Path,
+        typer.Option(
+            help="the edge's keyring (`keybroker enroll node/NAME …`)", show_default=False
+        ),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", help="directory for the files (made 0700 if missing)"),
+    ],
+    passphrase_env: Annotated[
+        str, typer.Option(help="environment variable holding the keyring passphrase")
+    ] = "KEYBROKER_KEYRING_PASSPHRASE",  # noqa: S107 - a variable name
+) -> None:
+    """On an edge: write its client certificate, identity key (0600) and the broker CA.
+
+    These are the cert, key and ca of `keybroker edge`'s [keyserver] section: the edge
+    proves to key servers that it is this principal. Run it again after re-enrolling.
+    """
+    from keybroker.flows.keyless.brokered import client_tls_files
+
+    passphrase = os.environ.get(passphrase_env)
+    if not passphrase:
+        raise typer.BadParameter(f"${passphrase_env} is not set", param_hint="--passphrase-env")
+    try:
+        written = client_tls_files(keyring, passphrase, directory=out_dir.resolve())
+    except KeybrokerError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(EXIT_REFUSED) from None
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot write to {escape(str(out_dir))}: {exc.strerror}")
+        raise typer.Exit(EXIT_REFUSED) from None
+    until = f"{written.not_after:%Y-%m-%d %H:%M} UTC"
+    out.print(f"wrote the mutual-TLS files of {written.principal}:", highlight=False)
+    out.print(f"  cert  {written.cert}  (its certificate, until {until})", highlight=False)
+    out.print(f"  key   {written.key}  (its identity key, mode 0600)", highlight=False)
+    out.print(f"  ca    {written.ca}  (the broker CA)", highlight=False)
+    out.print("for the edge's configuration:", highlight=False)
+    out.print(
+        escape(f'[keyserver]\nca = "{written.ca}"\ncert = "{written.cert}"\nkey = "{written.key}"'),
+        highlight=False,
+    )
 
 
 def _who(principal: Any, status: str) -> str:

@@ -30,17 +30,26 @@ How a request travels:
    batch completes, so they go out **out of order**; the writes of one loop
    iteration are coalesced into one TLS write.
 
-**Reload** (:meth:`KeyServer.reload`, SIGHUP in the CLI) builds a new
-*generation* — ``KeySource.reload()``, ``Authorizer.reload()``, the server
-certificate, and for a process pool a new pool — and swaps it in only if all
-of it loads. Every request is bound to the generation current when it
-arrived, so requests in flight finish with the old keys and the old grants;
-the old generation's key source and pool are closed once its last request is
-answered.
+**Reload** (:meth:`KeyServer.reload`, SIGHUP in the CLI, and every ``refresh``
+seconds if set) builds a new *generation* — ``KeySource.reload()``,
+``Authorizer.reload()``, the server certificate, and for a process pool a new
+pool — and swaps it in only if all of it loads. Every request is bound to the
+generation current when it arrived, so requests in flight finish with the old
+keys and the old grants (broker keys and grants update in place instead, see
+:mod:`.brokered`); the old generation's key source and pool are closed once its
+last request is answered.
 
 **Shutdown** (:meth:`KeyServer.aclose`, SIGTERM/SIGINT): stop accepting, stop
 reading, let in-flight operations finish (up to a grace period), write their
 replies, close.
+
+**Broker keys** (``keyring`` in :class:`KeyServerConfig`): the server runs as an
+enrolled ``service`` principal. Its keys come from
+:class:`~.brokered.BrokerKeySource`, its grants from
+:class:`~.brokered.BrokerAuthorizer`, its TLS server certificate and key from
+its enrolment identity (:func:`identity_tls_context`) and the edges' CA is the
+broker CA its keyring pins; both are re-read from the broker every ``refresh``
+seconds (default :data:`DEFAULT_REFRESH`) and on SIGHUP.
 
 No payload, result or key byte is ever logged, put in a metric label or shown
 by a ``repr``; keys are named by hex SKI only.
@@ -57,10 +66,14 @@ import logging
 import math
 import multiprocessing
 import os
+import re
+import secrets
+import shutil
 import signal
 import socket
 import ssl
 import stat
+import tempfile
 import threading
 import tomllib
 from collections import defaultdict
@@ -73,6 +86,7 @@ from typing import Any, Final, Literal, Protocol, TypeAlias, cast, runtime_check
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -113,8 +127,10 @@ from keybroker.pki.validation import principal_of
 __all__ = [
     "DEFAULT_LISTEN",
     "DEFAULT_METRICS_PORT",
+    "DEFAULT_PASSPHRASE_ENV",
     "DEFAULT_PIN_ENV",
     "DEFAULT_POOL",
+    "DEFAULT_REFRESH",
     "ExportableKeySource",
     "KeyServer",
     "KeyServerConfig",
@@ -127,6 +143,7 @@ __all__ = [
     "build_key_server",
     "default_workers",
     "edge_identity",
+    "identity_tls_context",
     "load_config_file",
     "parse_address",
     "perform_batch",
@@ -144,6 +161,10 @@ DEFAULT_METRICS_PORT: Final = 2406
 DEFAULT_POOL: Final = "thread"
 #: Environment variable holding the PKCS#11 user PIN unless another is named.
 DEFAULT_PIN_ENV: Final = "KEYBROKER_PKCS11_PIN"
+#: Environment variable holding the keyring passphrase (broker keys) unless another is named.
+DEFAULT_PASSPHRASE_ENV: Final = "KEYBROKER_KEYRING_PASSPHRASE"  # noqa: S105 - a variable name
+#: Seconds between synchronisations with the broker (broker keys) unless told otherwise.
+DEFAULT_REFRESH: Final = 5.0
 
 Pool: TypeAlias = Literal["thread", "process"]
 #: One key operation as the executor sees it: SKI, opcode, payload.
@@ -722,12 +743,14 @@ class TlsFiles:
     cert: Path
     key: Path
     client_ca: Path
+    #: The key file's password, if it is encrypted (held in memory only).
+    password: bytes | None = field(default=None, repr=False)
 
 
 def _load_server_chain(context: ssl.SSLContext, files: TlsFiles) -> None:
     _check_private_file(files.key, "key")
     try:
-        context.load_cert_chain(files.cert, files.key)
+        context.load_cert_chain(files.cert, files.key, password=files.password)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigurationError(
             f"cert/key: cannot use {files.cert} with {files.key} "
@@ -742,11 +765,7 @@ def server_tls_context(files: TlsFiles) -> ssl.SSLContext:
     :class:`~keybroker.errors.ConfigurationError` naming ``cert``, ``key`` or
     ``client_ca`` when a file is unusable.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
-    context.options |= ssl.OP_NO_COMPRESSION
+    context = _server_context()
     _load_server_chain(context, files)
     try:
         context.load_verify_locations(cafile=files.client_ca)
@@ -754,6 +773,57 @@ def server_tls_context(files: TlsFiles) -> ssl.SSLContext:
         raise ConfigurationError(
             f"client_ca: cannot use {files.client_ca} as the edges' CA "
             f"({getattr(exc, 'reason', None) or exc})"
+        ) from None
+    return context
+
+
+def _server_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    context.options |= ssl.OP_NO_COMPRESSION
+    return context
+
+
+def identity_tls_context(
+    certificate_pem: bytes,
+    private_key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey,
+    client_ca_pem: bytes,
+) -> ssl.SSLContext:
+    """The key server's TLS context from key objects: an enrolled principal's identity.
+
+    As :func:`server_tls_context`, with the certificate, its key and the edges' CA (the
+    broker CA) given as PEM bytes and a key object. ``ssl`` loads a key only from a file,
+    so the key is written **encrypted** (PKCS#8 under a random password held in memory)
+    to a 0600 file in a private (0700) temporary directory, loaded, and the directory is
+    deleted at once: the key is never on disk in clear, and not on disk at all once the
+    context holds it.
+    """
+    context = _server_context()
+    password = secrets.token_bytes(32)
+    encrypted = private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password),
+    )
+    directory = Path(tempfile.mkdtemp(prefix="keybroker-keyserver-"))  # mode 0700
+    try:
+        cert = directory / "server.crt"
+        key = directory / "server.key"
+        cert.write_bytes(certificate_pem)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as sink:
+            sink.write(encrypted)
+        _load_server_chain(context, TlsFiles(cert, key, cert, password))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    try:
+        context.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"client_ca: the broker CA of the keyring is unusable "
+            f"({getattr(exc, 'reason', None) or type(exc).__name__})"
         ) from None
     return context
 
@@ -1096,8 +1166,9 @@ class KeyServer:
         await server.reload()                               # e.g. on SIGHUP
         await server.aclose()                               # graceful
 
-    ``keys`` must serve at least one key. Raises
-    :class:`~keybroker.errors.ConfigurationError` for unusable settings (for
+    ``keys`` must serve at least one key unless ``allow_empty`` (a key server on
+    broker keys may start before it holds any: it is not healthy until it does).
+    Raises :class:`~keybroker.errors.ConfigurationError` for unusable settings (for
     instance ``pool="process"`` with keys that cannot leave this process).
     """
 
@@ -1110,6 +1181,7 @@ class KeyServer:
         *,
         tls_files: TlsFiles | None = None,
         registry: CollectorRegistry | None = None,
+        allow_empty: bool = False,
     ) -> None:
         """Configure; nothing runs until :meth:`start` (which needs a running loop)."""
         self.settings = settings if settings is not None else KeyServerSettings()
@@ -1118,8 +1190,11 @@ class KeyServer:
                 f"pool: 'process' needs keys that can be copied into worker processes "
                 f"(keys_dir); {type(keys).__name__} keys stay in this process, use 'thread'"
             )
-        if not keys.skis():
+        if not keys.skis() and not allow_empty:
             raise ConfigurationError(f"the key source has no keys: {keys.describe()}")
+        self._allow_empty = allow_empty
+        #: Whether the last reload failed (repeated failures of periodic reloads log quietly).
+        self._reload_failing = False
         self._initial = (keys, authorizer)
         self._ssl_context = ssl_context
         self._tls_files = tls_files
@@ -1319,35 +1394,45 @@ class KeyServer:
     # -- reload ------------------------------------------------------------------------
 
     def _load(self, old: _Generation) -> tuple[KeySource, Authorizer]:
-        """In a thread: the new grants, TLS files and keys, or ConfigurationError."""
-        authorizer = old.authorizer.reload()
+        """In a thread: the new TLS files, keys and grants, or ConfigurationError.
+
+        The grants are read last, so they are never older than the keys: a revocation
+        made before the keys were read is in them.
+        """
         if self._tls_files is not None:
             # Into a scratch context first: a bad pair must not touch the live one.
             _load_server_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), self._tls_files)
         keys = old.keys.reload()
-        if keys is not old.keys and not keys.skis():
-            _close_source(keys)
-            raise ConfigurationError(f"the new key set is empty: {keys.describe()}")
-        if self.settings.pool == "process" and not isinstance(keys, ExportableKeySource):
-            _close_source(keys)
-            raise ConfigurationError("pool: the new key source cannot feed worker processes")
+        try:
+            if keys is not old.keys and not keys.skis() and not self._allow_empty:
+                raise ConfigurationError(f"the new key set is empty: {keys.describe()}")
+            if self.settings.pool == "process" and not isinstance(keys, ExportableKeySource):
+                raise ConfigurationError("pool: the new key source cannot feed worker processes")
+            authorizer = old.authorizer.reload()
+        except BaseException:
+            if keys is not old.keys:
+                _close_source(keys)
+            raise
         return keys, authorizer
 
-    async def reload(self) -> bool:
+    async def reload(self, *, quiet: bool = False) -> bool:
         """Reload keys, grants and the server certificate together.
 
         Returns ``True`` if the new configuration is in use, ``False`` if it
         was refused (logged; the old one stays). Requests in flight finish on
-        the generation they were admitted on.
+        the generation they were admitted on. ``quiet`` (periodic reloads):
+        a reload that changes neither the keys served nor the grants' summary
+        is logged at debug level, and so is a failure that repeats the last one's.
         """
         async with self._reload_lock:
             if self.stopping:
                 return False
             old = self.generation
+            before = (frozenset(old.keys.skis()), old.authorizer.describe())
             try:
                 keys, authorizer = await self.loop.run_in_executor(None, self._load, old)
             except Exception as exc:
-                return self._reload_refused(exc)
+                return self._reload_refused(exc, quiet=quiet)
             try:
                 if keys is old.keys:  # same keys: same dispatcher (and worker processes)
                     new = _Generation(old.number + 1, keys, authorizer, old.dispatcher)
@@ -1357,7 +1442,7 @@ class KeyServer:
             except Exception as exc:
                 if keys is not old.keys:
                     _close_source(keys)
-                return self._reload_refused(exc)
+                return self._reload_refused(exc, quiet=quiet)
             if self.stopping:  # shutdown began while this reload was loading
                 if new.dispatcher is not old.dispatcher:
                     new.dispatcher.close()
@@ -1373,12 +1458,15 @@ class KeyServer:
                         new.dispatcher.close()
                     if keys is not old.keys:
                         _close_source(keys)
-                    return self._reload_refused(exc)
+                    return self._reload_refused(exc, quiet=quiet)
             self._generation = new
             self._publish_generation()
             self.metrics.reloads["ok"] += 1
             self._retire(old)
-            _log.info(
+            changed = before != (frozenset(keys.skis()), authorizer.describe())
+            recovered, self._reload_failing = self._reload_failing, False
+            _log.log(
+                logging.INFO if changed or recovered or not quiet else logging.DEBUG,
                 "reloaded (generation %d): keys: %s; grants: %s",
                 new.number,
                 keys.describe(),
@@ -1386,11 +1474,17 @@ class KeyServer:
             )
             return True
 
-    def _reload_refused(self, exc: BaseException) -> bool:
+    def _reload_refused(self, exc: BaseException, *, quiet: bool = False) -> bool:
         self.metrics.reloads["failed"] += 1
         # Our own errors say what is wrong; a foreign one only by its type.
         reason = str(exc) if isinstance(exc, KeybrokerError) else type(exc).__name__
-        _log.error("reload refused, keeping generation %d: %s", self.generation.number, reason)
+        repeated, self._reload_failing = self._reload_failing, True
+        _log.log(
+            logging.DEBUG if quiet and repeated else logging.ERROR,
+            "reload refused, keeping generation %d: %s",
+            self.generation.number,
+            reason,
+        )
         return False
 
     def _retire(self, old: _Generation) -> None:
@@ -1558,7 +1652,23 @@ def _close_source(keys: KeySource) -> None:
 # Configuration and the CLI's main
 # ---------------------------------------------------------------------------
 
-_PATH_KEYS: Final = frozenset({"cert", "key", "client_ca", "keys_dir", "grants", "pkcs11_module"})
+_PATH_KEYS: Final = frozenset(
+    {"cert", "key", "client_ca", "keys_dir", "grants", "pkcs11_module", "keyring"}
+)
+#: What the key server is told in file mode, and may not be told with broker keys.
+_FILE_MODE_KEYS: Final = (
+    "cert",
+    "key",
+    "client_ca",
+    "grants",
+    "keys_dir",
+    "pkcs11_module",
+    "pkcs11_token",
+    "pkcs11_pin_env",
+)
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+#: Longest ``refresh``: one day.
+_MAX_REFRESH: Final = 86400.0
 
 
 @dataclass(frozen=True)
@@ -1568,20 +1678,36 @@ class KeyServerConfig:
     Keys (TOML, ``snake_case`` or ``kebab-case``; the options are the same
     names with ``--``): ``listen``, ``cert``, ``key``, ``client_ca``,
     ``keys_dir``, ``pkcs11_module``, ``pkcs11_token``, ``pkcs11_pin_env``,
-    ``grants``, ``workers``, ``pool``, ``metrics_host``, ``metrics_port``,
-    ``log_level``, ``max_connections``, ``max_pending``, ``idle_timeout``,
-    ``shutdown_grace``.
+    ``grants``, ``keyring``, ``broker``, ``passphrase_env``, ``refresh``,
+    ``grants_max_age``, ``workers``, ``pool``, ``metrics_host``, ``metrics_port``, ``log_level``,
+    ``max_connections``, ``max_pending``, ``idle_timeout``, ``shutdown_grace``.
+
+    Two modes. **Files**: ``cert``, ``key``, ``client_ca``, ``grants`` and one key
+    source (``keys_dir`` or ``pkcs11_token``). **Broker keys**: ``keyring`` (an
+    enrolled ``service`` principal's keyring, opened with the passphrase in the
+    environment variable ``passphrase_env``), optionally ``broker`` (its URL, if not
+    the one enrolled with); certificate, key, edges' CA, keys and grants all come
+    from the enrolment and the broker, so none of the file-mode settings may be given.
     """
 
-    cert: Path
-    key: Path
-    client_ca: Path
-    grants: Path
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    grants: Path | None = None
     listen: str = DEFAULT_LISTEN
     keys_dir: Path | None = None
     pkcs11_module: str | None = None
     pkcs11_token: str | None = None
     pkcs11_pin_env: str = DEFAULT_PIN_ENV
+    keyring: Path | None = None
+    broker: str | None = None
+    passphrase_env: str = DEFAULT_PASSPHRASE_ENV
+    #: Seconds between reloads (0: only on SIGHUP); ``None``: :data:`DEFAULT_REFRESH` with
+    #: broker keys, 0 with files.
+    refresh: float | None = None
+    #: Broker keys: refuse every operation once the grants last read are older than this
+    #: many seconds (the broker unreachable that long); ``None``: keep the last grants.
+    grants_max_age: float | None = None
     workers: int = field(default_factory=default_workers)
     pool: str = DEFAULT_POOL
     metrics_host: str = "127.0.0.1"
@@ -1609,21 +1735,26 @@ class KeyServerConfig:
             if value is None:
                 continue
             values[name] = _convert(name, value, base)
-        for required in ("cert", "key", "client_ca", "grants"):
-            if required not in values:
-                raise ConfigurationError(
-                    f"{required}: required (option --{required.replace('_', '-')})"
-                )
-        if ("keys_dir" in values) == ("pkcs11_token" in values):
-            raise ConfigurationError(
-                "keys_dir: give exactly one key source, keys_dir or pkcs11_token"
-            )
-        if "pkcs11_module" in values and "pkcs11_token" not in values:
-            raise ConfigurationError("pkcs11_module: needs pkcs11_token")
+        if "keyring" in values:
+            _check_broker_mode(values)
+        else:
+            _check_file_mode(values)
         config = cls(**values)
         config.listen_address()
         config.settings()
         return config
+
+    @property
+    def brokered(self) -> bool:
+        """Whether keys, grants and certificate come from the broker (``keyring`` given)."""
+        return self.keyring is not None
+
+    @property
+    def refresh_interval(self) -> float:
+        """Seconds between periodic reloads; 0: none (SIGHUP only)."""
+        if self.refresh is not None:
+            return self.refresh
+        return DEFAULT_REFRESH if self.brokered else 0.0
 
     def listen_address(self) -> tuple[str, int]:
         """``listen`` as ``(host, port)``."""
@@ -1641,8 +1772,45 @@ class KeyServerConfig:
         )
 
     def tls_files(self) -> TlsFiles:
-        """The certificate, key and client-CA files."""
+        """The certificate, key and client-CA files (file mode only)."""
+        if self.cert is None or self.key is None or self.client_ca is None:
+            raise ConfigurationError("cert: no certificate files with broker keys (keyring)")
         return TlsFiles(self.cert, self.key, self.client_ca)
+
+
+def _check_file_mode(values: Mapping[str, Any]) -> None:
+    for name in ("broker", "passphrase_env", "grants_max_age"):
+        if name in values:
+            raise ConfigurationError(f"{name}: only with broker keys (keyring)")
+    for required in ("cert", "key", "client_ca", "grants"):
+        if required not in values:
+            raise ConfigurationError(
+                f"{required}: required (option --{required.replace('_', '-')}), "
+                "unless the keys come from the broker (--keyring)"
+            )
+    if ("keys_dir" in values) == ("pkcs11_token" in values):
+        raise ConfigurationError("keys_dir: give exactly one key source, keys_dir or pkcs11_token")
+    if "pkcs11_module" in values and "pkcs11_token" not in values:
+        raise ConfigurationError("pkcs11_module: needs pkcs11_token")
+
+
+def _check_broker_mode(values: Mapping[str, Any]) -> None:
+    for name in _FILE_MODE_KEYS:
+        if name in values:
+            raise ConfigurationError(
+                f"{name}: not with broker keys (keyring): the certificate, its key and the "
+                "edges' CA come from the enrolment, keys and grants from the broker"
+            )
+    if values.get("pool") == "process":
+        raise ConfigurationError(
+            "pool: 'process' is not available with broker keys (they change at every "
+            "refresh and stay in this process); use 'thread'"
+        )
+    max_age, refresh = values.get("grants_max_age"), values.get("refresh", DEFAULT_REFRESH)
+    if max_age is not None and (refresh == 0 or max_age <= refresh):
+        raise ConfigurationError(
+            f"grants_max_age: must be longer than refresh ({refresh:g} s), which must not be 0"
+        )
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -1671,12 +1839,26 @@ def _convert(name: str, value: object, base: Path | None) -> object:
         if type(value) not in (int, float):
             raise ConfigurationError(f"{name}: must be a number of seconds")
         return float(cast("float", value))
+    if name == "refresh":
+        if type(value) not in (int, float) or not 0 <= cast("float", value) <= _MAX_REFRESH:
+            raise ConfigurationError(
+                "refresh: must be a number of seconds from 0 (SIGHUP only) to 86400"
+            )
+        return float(cast("float", value))
+    if name == "grants_max_age":
+        if type(value) not in (int, float) or not 0 < cast("float", value) < math.inf:
+            raise ConfigurationError("grants_max_age: must be a positive number of seconds")
+        return float(cast("float", value))
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"{name}: must be a non-empty string")
     if name == "pool" and value not in ("thread", "process"):
         raise ConfigurationError(f"pool: must be 'thread' or 'process', not {value!r}")
     if name == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigurationError(f"log_level: must be debug, info, warning or error, not {value!r}")
+    if name == "broker" and not value.startswith("https://"):
+        raise ConfigurationError(f"broker: must be the broker's https:// URL, not {value!r:.80}")
+    if name in ("passphrase_env", "pkcs11_pin_env") and not _ENV_NAME.fullmatch(value):
+        raise ConfigurationError(f"{name}: must name an environment variable, not {value!r:.80}")
     return value
 
 
@@ -1697,9 +1879,16 @@ def load_config_file(path: str | Path) -> dict[str, object]:
 def build_key_server(
     config: KeyServerConfig, *, environ: Mapping[str, str] | None = None
 ) -> KeyServer:
-    """The :class:`KeyServer` ``config`` describes (keys loaded, TLS context made, not started)."""
+    """The :class:`KeyServer` ``config`` describes (keys loaded, TLS context made, not started).
+
+    With broker keys this opens the keyring and synchronises with the broker once (a
+    broker that cannot be reached is a :class:`ConfigurationError` naming ``broker``).
+    """
     env = os.environ if environ is None else environ
     settings = config.settings()
+    if config.brokered:
+        return _build_brokered(config, env, settings)
+    assert config.grants is not None
     files = config.tls_files()
     context = server_tls_context(files)
     authorizer = StaticAuthorizer.from_file(config.grants)
@@ -1722,24 +1911,84 @@ def build_key_server(
         raise
 
 
+def _build_brokered(
+    config: KeyServerConfig, env: Mapping[str, str], settings: KeyServerSettings
+) -> KeyServer:
+    """A key server on broker keys: identity, keys and grants of the enrolled ``keyring``."""
+    # Imported here: the broker client (httpx, the API's schemas) only when it is used.
+    from keybroker.flows.keyless.brokered import (
+        BrokerAuthorizer,
+        BrokerKeySource,
+        KeyServerPrincipal,
+        server_tls_credentials,
+    )
+
+    assert config.keyring is not None
+    passphrase = env.get(config.passphrase_env)
+    if not passphrase:
+        raise ConfigurationError(
+            f"passphrase_env: environment variable {config.passphrase_env} "
+            "(the keyring passphrase) is not set"
+        )
+    try:
+        principal = KeyServerPrincipal(config.keyring, passphrase=passphrase, url=config.broker)
+        credentials = server_tls_credentials(principal.keyring)
+    except KeybrokerError as exc:
+        raise ConfigurationError(f"keyring: {config.keyring}: {exc}") from None
+    context = identity_tls_context(
+        credentials.certificate_pem, credentials.private_key, credentials.ca_pem
+    )
+    keys = BrokerKeySource(principal)
+    authorizer = BrokerAuthorizer(principal, max_age=config.grants_max_age)
+    where = config.broker or principal.keyring.broker_url
+    try:
+        keys.reload()
+        authorizer.reload()
+    except KeybrokerError as exc:
+        raise ConfigurationError(
+            f"broker: cannot synchronise {principal.principal} with {where} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    expires = x509.load_pem_x509_certificate(credentials.certificate_pem).not_valid_after_utc
+    _log.info(
+        "broker keys from %s as %s (certificate valid until %s; refresh every %g s)",
+        where,
+        principal.principal,
+        f"{expires:%Y-%m-%d %H:%M}",
+        config.refresh_interval,
+    )
+    return KeyServer(keys, authorizer, context, settings, allow_empty=True)
+
+
 async def run_keyserver(
     config: KeyServerConfig,
     *,
     ready: Callable[[str], None] = print,
     stop: asyncio.Event | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop``); reload on SIGHUP. Calls ``ready`` with one line
+    """Run until SIGTERM/SIGINT (or ``stop``); reload on SIGHUP and every
+    :attr:`~KeyServerConfig.refresh_interval` seconds. Calls ``ready`` with one line
     (``listening on HOST:PORT``, plus `` metrics on HOST:PORT``) once serving."""
     loop = asyncio.get_running_loop()
-    server = build_key_server(config)
+    server = build_key_server(config, environ=environ)
     stop = stop if stop is not None else asyncio.Event()
-    reloads: set[asyncio.Task[bool]] = set()
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def spawn(task: asyncio.Task[Any]) -> None:
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     def hangup() -> None:
         _log.info("SIGHUP: reloading keys and grants")
-        task = loop.create_task(server.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        spawn(loop.create_task(server.reload()))
+
+    async def refresh(interval: float) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                return
+            await server.reload(quiet=True)
 
     host, port = config.listen_address()
     try:
@@ -1751,12 +2000,15 @@ async def run_keyserver(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hangup)
+        if config.refresh_interval > 0:
+            spawn(loop.create_task(refresh(config.refresh_interval)))
         ready(line)
         await stop.wait()
         _log.info("stopping")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        stop.set()  # a periodic refresh ends (one under way finishes, then sees `stopping`)
         await server.aclose()
         if reloads:
             await asyncio.gather(*reloads, return_exceptions=True)

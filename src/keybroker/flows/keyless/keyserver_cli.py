@@ -1,12 +1,17 @@
 """``keybroker keyserver``: run the keyless TLS key server.
 
 Settings come from options, from one ``--config FILE`` (TOML, the same names
-in ``snake_case``), or both (an option given on the command line wins). The
-PKCS#11 PIN is never an option: ``--pkcs11-pin-env`` names the environment
-variable that holds it. A bad setting exits with status 2 and a message naming
-it; SIGTERM or SIGINT stops the server gracefully (status 0); SIGHUP reloads
-keys, grants and the server certificate. Once serving, one line goes to
-stdout: ``listening on HOST:PORT`` (plus `` metrics on HOST:PORT``).
+in ``snake_case``), or both (an option given on the command line wins). Two
+modes: files (``--cert``, ``--key``, ``--client-ca``, ``--grants`` and
+``--keys-dir`` or a PKCS#11 token), or broker keys (``--keyring`` of an enrolled
+``service`` principal: certificate, keys and grants come from the enrolment and
+the broker, re-read every ``--refresh`` seconds). Secrets are never options: the
+PKCS#11 PIN and the keyring passphrase are read from the environment variables
+``--pkcs11-pin-env`` and ``--passphrase-env`` name. A bad setting exits with
+status 2 and a message naming it; SIGTERM or SIGINT stops the server gracefully
+(status 0); SIGHUP reloads keys, grants and the server certificate. Once
+serving, one line goes to stdout: ``listening on HOST:PORT`` (plus
+`` metrics on HOST:PORT``).
 
 Heavy modules are imported inside the command, as in :mod:`keybroker.cli.main`.
 """
@@ -27,11 +32,14 @@ EXIT_CONFIGURATION = 2
 def _logging(level: str) -> None:
     import logging
 
+    numeric = logging.getLevelName(level.upper())
     logging.basicConfig(
-        level=logging.getLevelName(level.upper()),
+        level=numeric,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         force=True,
     )
+    # With broker keys, one line per HTTP request of every refresh would drown the rest.
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
 
 
 def keyserver_command(  # noqa: PLR0917 - one parameter per option
@@ -68,6 +76,38 @@ def keyserver_command(  # noqa: PLR0917 - one parameter per option
     ] = None,
     grants: Annotated[
         Path | None, typer.Option(help="grants table (TOML or JSON): which edge may use which key")
+    ] = None,
+    keyring: Annotated[
+        Path | None,
+        typer.Option(
+            help="broker keys: the keyring of this key server's service principal "
+            "(`keybroker enroll service/NAME …`); replaces cert, key, client-ca, grants, keys"
+        ),
+    ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(help="broker keys: the broker's URL (default: the one enrolled with)"),
+    ] = None,
+    passphrase_env: Annotated[
+        str | None,
+        typer.Option(
+            help="broker keys: environment variable with the keyring passphrase "
+            "(default: KEYBROKER_KEYRING_PASSPHRASE)"
+        ),
+    ] = None,
+    refresh: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds between reloads of keys and grants; 0: SIGHUP only "
+            "(default: 5 with broker keys, 0 otherwise)"
+        ),
+    ] = None,
+    grants_max_age: Annotated[
+        float | None,
+        typer.Option(
+            help="broker keys: refuse every operation once the grants last read from the "
+            "broker are older than this many seconds (default: keep them)"
+        ),
     ] = None,
     workers: Annotated[
         int | None, typer.Option(help="executor workers (default: the number of cores)")
@@ -111,6 +151,11 @@ def keyserver_command(  # noqa: PLR0917 - one parameter per option
         "pkcs11_token": pkcs11_token,
         "pkcs11_pin_env": pkcs11_pin_env,
         "grants": grants,
+        "keyring": keyring,
+        "broker": broker,
+        "passphrase_env": passphrase_env,
+        "refresh": refresh,
+        "grants_max_age": grants_max_age,
         "workers": workers,
         "pool": pool,
         "metrics_host": metrics_host,
