@@ -24,6 +24,13 @@ session cache and ticket keys. A key server that is down or refuses makes the re
 return an empty signature, which tlslite answers with an ``internal_error`` alert: the
 client gets an alert within the key client's timeout, never a hang.
 
+**Speed.** With ``[edge] fast_crypto = true`` (the default) the edge calls
+:func:`.fasttls.install` and uses :class:`~.fasttls.FastTLSConnection`: tlslite's X25519,
+P-256/P-384 ECDH, AES-GCM, ChaCha20-Poly1305 and TLS 1.3 key schedule run on
+``cryptography`` instead of pure Python (several times fewer CPU milliseconds per
+handshake; ``docs/benchmarks.md``, section ``keyless``). The self-check of each signature
+the key server returns is done with ``cryptography`` too (:mod:`.tlskeys`).
+
 **Resumption** needs no key operation. TLS 1.3 resumes with session tickets (PSK with
 ECDHE); TLS 1.2 with tickets (RFC 5077) or, for clients without tickets, session IDs in a
 per-worker, per-service :class:`tlslite.sessioncache.SessionCache`. Ticket keys are random,
@@ -79,6 +86,7 @@ from typing import Any, Final, NoReturn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from tlslite.errors import TLSAbruptCloseError  # type: ignore[import-untyped,unused-ignore]
 from tlslite.handshakesettings import (  # type: ignore[import-untyped,unused-ignore]
     HandshakeSettings,
 )
@@ -91,6 +99,7 @@ from keybroker.errors import (
     RemoteProtocolError,
     TransportError,
 )
+from keybroker.flows.keyless import fasttls
 from keybroker.flows.keyless.codes import Op
 from keybroker.flows.keyless.keyclient import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -217,6 +226,9 @@ class EdgeSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     stats_file: Path | None = None
     stats_interval: float = 60.0
+    #: Run tlslite's hot primitives on ``cryptography`` (:mod:`.fasttls`); ``false`` leaves
+    #: tlslite as installed (slower; for comparison and debugging).
+    fast_crypto: bool = True
 
 
 @dataclass(frozen=True)
@@ -431,6 +443,7 @@ def _edge(table: Any, base: Path) -> EdgeSettings:
     ):
         values[name] = float(_optional(table, name, (int, float), getattr(defaults, name), where))
     values["session_tickets"] = _optional(table, "session_tickets", bool, True, where)
+    values["fast_crypto"] = _optional(table, "fast_crypto", bool, True, where)
     values["min_version"] = _optional(table, "min_version", str, "1.2", where)
     alpn = _optional(table, "alpn", list, list(defaults.alpn), where)
     if not alpn or not all(entry in ("http/1.1", "http/1.0") for entry in alpn):
@@ -622,19 +635,11 @@ def tls_settings(edge: EdgeSettings) -> HandshakeSettings:
 
     TLS 1.2 (unless ``min_version = "1.3"``) and 1.3; ECDHE only (X25519, P-256, P-384);
     AES-GCM and ChaCha20-Poly1305 only; resumption with ECDHE only (``psk_dhe_ke``) so
-    that resumed sessions keep forward secrecy; no heartbeat.
+    that resumed sessions keep forward secrecy; no heartbeat. The common part is
+    :func:`.fasttls.lean_settings`.
     """
-    settings = HandshakeSettings()
-    settings.minVersion = (3, 3) if edge.min_version == "1.2" else (3, 4)
-    settings.maxVersion = (3, 4)
-    settings.cipherNames = ["aes256gcm", "aes128gcm", "chacha20-poly1305"]
-    settings.macNames = ["aead"]
-    settings.keyExchangeNames = ["ecdhe_ecdsa", "ecdhe_rsa"]
-    settings.eccCurves = ["x25519", "secp256r1", "secp384r1"]
-    settings.keyShares = ["x25519", "secp256r1"]
-    settings.dhGroups = []
+    settings = fasttls.lean_settings(min_version=(3, 3) if edge.min_version == "1.2" else (3, 4))
     settings.psk_modes = ["psk_dhe_ke"]
-    settings.use_heartbeat_extension = False
     settings.ticketCipher = "aes256gcm"
     settings.ticketLifetime = max(1, min(_MAX_TICKET_LIFETIME, int(edge.ticket_rotation)))
     settings.ticketKeys = []
@@ -952,6 +957,20 @@ def _host_matches(host: str, hostname: str) -> bool:
 # --- the worker --------------------------------------------------------------------------------
 
 
+def _left_before_tickets(conn: Any, exc: Exception) -> bool:
+    """Whether a TLS 1.3 handshake failed only because the client had gone when tlslite sent
+    the session tickets, which it does after checking the client's Finished.
+
+    tlslite makes ``conn.session`` (``None`` until then) right after that check, with a
+    resumption master secret, which only TLS 1.3 sessions have. A write to a client that
+    has closed ends in ``TLSAbruptCloseError`` (or a reset, as ``OSError``).
+    """
+    session = getattr(conn, "session", None)
+    return isinstance(exc, TLSAbruptCloseError | OSError) and bool(
+        getattr(session, "resumptionMasterSecret", None)
+    )
+
+
 def _bind(listen: tuple[str, int], backlog: int = 1024) -> socket.socket:
     host, port = listen
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -983,6 +1002,12 @@ class Edge:
     ) -> None:
         self.config = config
         self._settings = config.edge
+        self._tls_class: type[Any] = TLSConnection
+        if config.edge.fast_crypto:
+            fasttls.install()
+            self._tls_class = fasttls.FastTLSConnection
+        elif fasttls.installed():
+            _log.info("edge: fast_crypto is off, but this process has installed it already")
         aliases = {service.ski: service.key_id for service in config.services if service.key_id}
         self._operator = _EdgeOperator(operator, aliases)
         base = tls_settings(config.edge)
@@ -1138,7 +1163,7 @@ class Edge:
     def _handshake(self, sock: socket.socket, service: _Service, client_ip: str) -> Any:
         self._maybe_rotate()
         settings = service.settings(self._ring)
-        conn = TLSConnection(sock)
+        conn = self._tls_class(sock)
         self._operator.begin()
         started = time.perf_counter()
         try:
@@ -1151,6 +1176,14 @@ class Edge:
             )
         except Exception as exc:  # tlslite alerts, socket errors, timeouts
             ops, failed = self._operator.counts()
+            if _left_before_tickets(conn, exc):
+                # The client checked our Finished and sent its own, then closed before
+                # tlslite wrote the TLS 1.3 session tickets (openssl s_time, health checks):
+                # for the client the handshake is complete, so it counts as one.
+                self.counters.add("handshakes")
+                self.counters.add("full_handshakes" if ops else "resumed_handshakes")
+                _log.debug("edge: %s from %s left before its tickets", service.hostname, client_ip)
+                return None
             self.counters.add("handshake_failures")
             if failed:
                 self.counters.add("key_failures")

@@ -25,7 +25,8 @@ the RSA class stay 0, the ECDSA ``private_key`` is a :class:`_CurveOnly` that ca
 curve tlslite reads ``.curve.baselen`` from, and the Ed25519 ``private_key`` is ``None``.
 
 **Checking the key server.** tlslite verifies every signature it made with the public key
-before sending it; that check stays (done here with ``cryptography`` for ECDSA and Ed25519), so
+before sending it; that check stays (done here with ``cryptography`` for ECDSA, Ed25519 and
+RSA with a SHA-2 hash; tlslite's own Python for the rest: PKCS#1 v1.5 over SHA-1 or MD5‖SHA-1), so
 a key server answering with garbage ends the handshake with an ``internal_error`` alert instead
 of sending the client a bad signature.
 
@@ -49,6 +50,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import padding as rsa_padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import Encoding
 from tlslite.utils.cryptomath import (  # type: ignore[import-untyped,unused-ignore]
@@ -132,6 +134,7 @@ _PSS_OPS = _ops_by_hash(RSA_PSS_OPS)
 _ECDSA_OPS = _ops_by_hash(ECDSA_OPS)
 _DIGEST_SIZE = {"md5sha1": 36, "sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48, "sha512": 64}
 _HASH_BY_SIZE = {size: name for name, size in _DIGEST_SIZE.items() if name != "md5sha1"}
+_SHA2 = frozenset({"sha224", "sha256", "sha384", "sha512"})
 _PREHASHED: dict[int, hashes.HashAlgorithm] = {
     20: hashes.SHA1(),  # noqa: S303 — verifies the SHA-1 signatures TLS 1.2 still allows
     28: hashes.SHA224(),
@@ -196,6 +199,7 @@ class RemoteRSAKey(_Forwarder, Python_RSAKey):  # type: ignore[misc]
         sni: str | None,
     ) -> None:
         Python_RSAKey.__init__(self, n, e, key_type=key_type)
+        self._public = rsa.RSAPublicNumbers(e, n).public_key()
         self._operator = operator
         self._ski = ski
         self._sni = sni
@@ -237,6 +241,40 @@ class RemoteRSAKey(_Forwarder, Python_RSAKey):  # type: ignore[misc]
         if len(data) != _DIGEST_SIZE[name]:
             raise LocalProtocolError(f"a {name} digest is {_DIGEST_SIZE[name]} bytes")
         return op, data
+
+    def verify(
+        self,
+        sigBytes: bytes | bytearray,
+        data: bytes | bytearray,
+        padding: str = "pkcs1",
+        hashAlg: str | None = None,
+        saltLen: int | None = None,
+    ) -> bool:
+        """tlslite's ``verify`` (the self-check of every signature), with ``cryptography``.
+
+        RSASSA-PSS with an exact salt length, and PKCS#1 v1.5 over a SHA-2 digest, are
+        checked by OpenSSL; anything else (PKCS#1 v1.5 with SHA-1, whose encoding tlslite
+        accepts with and without the NULL parameter, or a prefixed DigestInfo) by tlslite.
+        """
+        digest = data
+        name = hashAlg.lower() if hashAlg is not None else None
+        algorithm = _PREHASHED.get(len(digest)) if name in _SHA2 else None
+        if algorithm is None or algorithm.name != name:
+            return bool(Python_RSAKey.verify(self, sigBytes, digest, padding, hashAlg, saltLen))
+        scheme: rsa_padding.AsymmetricPadding
+        if padding == "pss" and saltLen is not None and saltLen >= 0:
+            scheme = rsa_padding.PSS(rsa_padding.MGF1(algorithm), saltLen)
+        elif padding == "pkcs1":
+            if self.key_type == "rsa-pss":
+                return False  # as tlslite: an RSASSA-PSS key makes no PKCS#1 v1.5 signature
+            scheme = rsa_padding.PKCS1v15()
+        else:
+            return bool(Python_RSAKey.verify(self, sigBytes, digest, padding, hashAlg, saltLen))
+        try:
+            self._public.verify(bytes(sigBytes), bytes(digest), scheme, Prehashed(algorithm))
+        except (InvalidSignature, ValueError):
+            return False
+        return True
 
     def decrypt(self, encBytes: bytes | bytearray) -> bytearray | None:
         """PKCS#1 v1.5 decryption with implicit rejection, done by the key server.
