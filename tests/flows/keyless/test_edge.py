@@ -924,3 +924,102 @@ def test_edge_command_with_two_workers(
     assert "session ticket keys rotated" in logs
     for config_file in [path, *path.parent.glob("*.chain.pem")]:
         assert b"PRIVATE KEY" not in config_file.read_bytes()
+
+
+#: ``keybroker edge`` with the kernel's parent-death signal unavailable (as off Linux), so
+#: that only the workers' portable watchdog (the lifeline pipe) notices a dead supervisor.
+WITHOUT_PRCTL = (
+    "import sys; import keybroker.flows.keyless.edge as edge; edge._prctl = None; "
+    "from keybroker.cli.main import main; sys.argv[0] = 'keybroker'; main()"
+)
+
+
+def start_edge(
+    path: Path, log_path: Path, *, prctl: bool = True
+) -> tuple[subprocess.Popen[str], int]:
+    """``keybroker edge --config path --workers 2``, its port once it listens."""
+    launcher = ["-m", "keybroker.cli.main"] if prctl else ["-c", WITHOUT_PRCTL]
+    command = [sys.executable, *launcher, "edge", "--config", str(path), "--workers", "2"]
+    with log_path.open("a") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
+    if not match:
+        process.kill()
+        process.wait()
+        raise AssertionError(line + log_path.read_text())
+    return process, int(match.group(1))
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie has ended and released its sockets)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("prctl", [True, False], ids=["pdeathsig", "watchdog"])
+def test_workers_exit_when_the_edge_is_killed(
+    prctl: bool,
+    workdir: Path,
+    leaves: dict[str, Leaf],
+    keyserver: TestKeyServer,
+    origin: TestOrigin,
+    mtls: Mtls,
+    ca: Authority,
+) -> None:
+    """However the supervisor dies (SIGKILL here), its workers close the listening socket and
+    exit within a second or so, so that the next edge can listen on the same port."""
+    directory = workdir / f"orphans-{'pdeathsig' if prctl else 'watchdog'}"
+    leaf = leaves["ecdsa"]
+    path = write_config(directory, [Site(leaf, origin.url)], keyserver.address, mtls)
+    log_path = directory / "edge.log"
+    context = client_context(ca.path)
+    processes: list[subprocess.Popen[str]] = []
+    workers: list[int] = []
+    try:
+        process, port = start_edge(path, log_path, prctl=prctl)
+        processes.append(process)
+        wait_for(lambda: len(children_of(process.pid)) == 2)
+        workers = children_of(process.pid)
+        assert fetch(port, leaf.name, context).status == 200
+
+        process.kill()
+        process.wait(timeout=10)
+        killed = time.monotonic()
+        wait_for(lambda: not any(running(pid) for pid in workers), timeout=5.0)
+        assert time.monotonic() - killed < 3.0
+        with pytest.raises(ConnectionRefusedError):  # nothing accepts on the port any more
+            socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT).close()
+        socket.create_server(("127.0.0.1", port)).close()  # and it can be bound again
+
+        # A new edge listens on the same port and serves.
+        again = directory / "again.toml"
+        again.write_text(
+            path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+        )
+        second, second_port = start_edge(again, log_path)
+        processes.append(second)
+        assert second_port == port
+        wait_for(lambda: len(children_of(second.pid)) == 2)
+        workers += children_of(second.pid)
+        assert fetch(port, leaf.name, context).status == 200
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=15) == 0, log_path.read_text()
+        assert not any(running(pid) for pid in workers)
+    finally:
+        for started in processes:
+            if started.poll() is None:
+                started.kill()
+                started.wait()
+        for pid in workers:  # without the fix, the orphans would serve on
+            if running(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    logs = log_path.read_text()
+    assert "Traceback" not in logs, logs
+    if not prctl:  # the watchdog said why each worker went
+        assert logs.count(" is gone; this worker exits") == 2, logs

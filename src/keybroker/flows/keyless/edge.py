@@ -10,7 +10,11 @@ that all accept on it (pre-fork); the parent only supervises: it restarts a work
 rotates the session-ticket keys and writes the counters. Each worker has its own key-server
 client (:class:`~.keyclient.KeyClient`, one pipelined connection) and serves every
 connection in its own thread, because tlslite blocks the handshake for the key server's
-round trip. :class:`Edge` is one worker; tests run it in-process.
+round trip. :class:`Edge` is one worker; tests run it in-process. A worker lives no longer
+than its supervisor, however the supervisor ends (even SIGKILL): on Linux the kernel kills
+it (``PR_SET_PDEATHSIG``), and everywhere a watchdog thread sees the end of the lifeline
+pipe, closes the listening socket and exits (:func:`_exit_with_parent`). No orphan keeps
+the port, so a restarted edge can listen on it again.
 
 **Per connection.** ``TCP_NODELAY``; peek the ClientHello for the SNI
 (:func:`~keybroker.flows.keyless.sni.peek_socket_server_name`); choose the service: the
@@ -61,6 +65,7 @@ requests and origin errors; the parent logs them and writes them to ``stats_file
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import http.client
 import json
@@ -73,6 +78,7 @@ import signal
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 import tomllib
@@ -158,6 +164,7 @@ _CHUNK: Final = 65536
 _TICKET_KEY_SIZE: Final = 32
 _MAX_TICKET_LIFETIME: Final = 7 * 24 * 3600
 _ACCEPT_POLL: Final = 0.25
+_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -1431,6 +1438,7 @@ def run_edge(
         supervisor.watch()
     finally:
         supervisor.stop_workers()
+        supervisor.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         listener.close()
@@ -1439,7 +1447,12 @@ def run_edge(
 
 class _Supervisor:
     """The parent process of :func:`run_edge`: forks, restarts and stops the workers,
-    rotates the ticket keys and reports the counters."""
+    rotates the ticket keys and reports the counters.
+
+    It holds the only write end of the *lifeline*, a pipe whose read end every worker
+    inherits: when the supervisor ends, however it ends, the workers read end-of-file
+    (:func:`_exit_with_parent`).
+    """
 
     def __init__(
         self,
@@ -1459,6 +1472,7 @@ class _Supervisor:
         self._stopping = stopping
         self._children: dict[int, int] = {}  # pid → worker index
         self._restart_at: dict[int, float] = {}  # worker index → when to fork it again
+        self._lifeline_read, self._lifeline_write = os.pipe()  # not inherited by exec
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping.set()
@@ -1468,6 +1482,7 @@ class _Supervisor:
             self._fork(index)
 
     def _fork(self, index: int) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid:
             self._children[pid] = index
@@ -1477,6 +1492,8 @@ class _Supervisor:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         code = 1
         try:
+            os.close(self._lifeline_write)  # only the supervisor may hold it
+            _exit_with_parent(parent, self._lifeline_read, self._listener)
             code = _worker_main(
                 self._config, self._context, self._listener, self._ring, self._stats.slot(index)
             )
@@ -1547,6 +1564,12 @@ class _Supervisor:
         self._children.clear()
         self.report()
 
+    def close(self) -> None:
+        """Release the lifeline (after :meth:`stop_workers`: a worker left would exit)."""
+        for fd in (self._lifeline_write, self._lifeline_read):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def report(self) -> None:
         totals = self._stats.totals()
         _log.info("edge: %s", " ".join(f"{name}={value}" for name, value in totals.items()))
@@ -1566,6 +1589,69 @@ class _Supervisor:
             temporary.replace(path)
         except OSError as exc:
             _log.warning("edge: cannot write %s: %s", path, exc)
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """``prctl(2)`` from the C library (Linux only), else ``None``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+#: Looked up once, at import in the supervisor, so that a freshly forked worker only calls it.
+_prctl = _load_prctl()
+
+
+def _exit_with_parent(parent: int, lifeline: int, listener: socket.socket) -> None:
+    """In a worker just forked by ``parent``: end this process as soon as ``parent`` ends.
+
+    However the supervisor ends (SIGKILL, a crash, the OOM killer), a worker left behind
+    would keep the listening socket and go on accepting with nobody to stop or restart it,
+    and a new edge could not listen on the port. So:
+
+    * on Linux the kernel sends this process SIGKILL when the thread that forked it ends
+      (``PR_SET_PDEATHSIG``; the supervisor forks from the thread that runs
+      :func:`run_edge`, and reaps every worker before that returns); the kernel closes the
+      listening socket with the rest;
+    * a supervisor that ended before the ``prctl`` call would go unnoticed by it, so the
+      parent process id is checked again afterwards;
+    * everywhere, a watchdog thread waits on ``lifeline``, the read end of a pipe whose
+      write end only the supervisor holds: end-of-file means the supervisor is gone. It
+      closes the listening socket first, then exits at once (connections in flight are
+      cut).
+    """
+
+    def orphaned() -> NoReturn:
+        with contextlib.suppress(OSError):
+            listener.close()
+        with contextlib.suppress(Exception):
+            _log.warning("edge: the supervisor (pid %d) is gone; this worker exits", parent)
+        os._exit(1)
+
+    if _prctl is not None and _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        _log.warning(
+            "edge: cannot ask to die with the supervisor: %s", os.strerror(ctypes.get_errno())
+        )
+    if os.getppid() != parent:
+        orphaned()
+
+    def watch() -> None:
+        while True:
+            try:
+                if os.read(lifeline, 1):
+                    continue  # nobody writes to it; ignore, keep waiting for end-of-file
+            except OSError as exc:
+                _log.warning("edge: cannot watch the supervisor: %s", exc)
+                return
+            orphaned()
+
+    threading.Thread(target=watch, name="edge-lifeline", daemon=True).start()
 
 
 def _worker_main(
