@@ -502,13 +502,14 @@ def fetch_deliveries(ctx: BrokerContext, principal: PrincipalId | str) -> list[D
         # The deadline is checked here, not in SQL: given "expires_at > ?" SQLite (no
         # statistics) scans every sent delivery by (state, expires_at) instead of this
         # principal's by (principal_id, state), which made each fetch cost O(all in flight).
-        rows = conn.execute(
-            _SELECT.where(
-                deliveries.c.principal_id == who.id,
-                deliveries.c.state == SENT,
-            ).order_by(deliveries.c.created_at, deliveries.c.id)
-        )
+        rows = conn.execute(_INBOX, {"i_principal": who.id, "i_state": SENT})
         return [_envelope(row) for row in rows if row.expires_at > now]
+
+
+_INBOX: Final = _SELECT.where(
+    deliveries.c.principal_id == sa.bindparam("i_principal"),
+    deliveries.c.state == sa.bindparam("i_state"),
+).order_by(deliveries.c.created_at, deliveries.c.id)
 
 
 def ack(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -45,10 +45,15 @@ class PrincipalInfo:
 
 def find_row(conn: Connection, principal: PrincipalId) -> Any | None:
     return conn.execute(
-        sa.select(principals).where(
-            principals.c.kind == principal.kind.value, principals.c.name == principal.name
-        )
+        _FIND, {"f_kind": principal.kind.value, "f_name": principal.name}
     ).one_or_none()
+
+
+# Built once: every signed API request looks its principal up, and building the
+# statement cost more than running it.
+_FIND: Final = sa.select(principals).where(
+    principals.c.kind == sa.bindparam("f_kind"), principals.c.name == sa.bindparam("f_name")
+)
 
 
 def require_row(conn: Connection, principal: PrincipalId) -> Any:
