@@ -221,6 +221,19 @@ def _assert_replays(steps: list[LinkStepped]) -> None:
         assert after.from_state == before.to_state, (before, after)
 
 
+def _assert_healthy(steps: list[LinkStepped]) -> None:
+    """A healthy link's steps: the happy path, except that the short ack timeout this test
+    uses (3 s, so the down site fails quickly) may run out for a node agent on a loaded
+    machine; that is a legitimate retry (DELIVERED_UPSTREAM -> ACKED_DOWNSTREAM -> deliver
+    again), never a step skipped, repeated out of order or a change of version."""
+    _assert_replays(steps)
+    states = [s.to_state for s in steps]
+    retries = max(0, (len(states) - len(HAPPY_PATH[1:])) // 2)
+    retried = ["ACKED_DOWNSTREAM", "DELIVERED_UPSTREAM"] * retries
+    assert states == HAPPY_PATH[1:4] + retried + HAPPY_PATH[4:], states
+    assert {s.new_version for s in steps} == {2}, [s.new_version for s in steps]
+
+
 BACKENDS = ["sqlite", "postgresql"]
 
 
@@ -315,7 +328,7 @@ async def test_one_site_down_keeps_its_old_key_and_nothing_is_lost(
 
     steps = _steps(rig.env.home, rollout_id)
     for node, site in LINKS[:-1]:
-        assert [s.to_state for s in steps[f"{node}/{site}"]] == HAPPY_PATH[1:]
+        _assert_healthy(steps[f"{node}/{site}"])
     _assert_replays(steps[f"{down_node}/{down_site}"])
 
 
