@@ -1,4 +1,5 @@
-"""Keyless edge benchmark (S5): full TLS 1.3 handshakes/s with the key on the key server.
+"""Keyless benchmark (S5): full TLS 1.3 handshakes/s through the edge with the key on the
+key server, and the key server's own operations/s against raw ``cryptography``.
 
 What is measured is the real :class:`~keybroker.flows.keyless.edge.Edge`: ``--workers``
 (2) worker processes forked from this one, accepting on one shared listening socket, each
@@ -12,12 +13,16 @@ Two ways of holding the key, with everything else identical:
 
 * **remote**: each worker's operator is a real
   :class:`~keybroker.flows.keyless.keyclient.KeyClient` (one pipelined mutual-TLS
-  connection) to a key server in its own process. ``--keyserver test`` (the default, and
-  for now the only one) is the test kit's key server
-  (``tests/flows/keyless/edge_kit.TestKeyServer``: asyncio, ``protocol.ServerConnection``,
-  ``operations.LocalKeyStore``). Another key server plugs in as one more entry in
-  :data:`KEYSERVERS`: a function that starts it in a subprocess for the given keys and
-  mutual-TLS files and returns a :class:`KeyServer` (address and pid);
+  connection) to a key server in its own process. ``--keyserver keybroker`` (the default)
+  is the real one, ``keybroker keyserver --workers 2`` (a PEM key directory, a static
+  grants table giving both keys to the edge's principal ``node/edge1``, the test CA);
+  ``--keyserver test`` is the test kit's (``tests/flows/keyless/edge_kit.TestKeyServer``:
+  asyncio, ``protocol.ServerConnection``, ``operations.LocalKeyStore``, signing on its
+  event loop). Each is an entry of :data:`KEYSERVERS`: a function that starts it in a
+  subprocess for the given keys and mutual-TLS files and returns a :class:`KeyServer`
+  (address and pid). The mutual-TLS files are ``tests/flows/keyless/pki_kit``'s: the
+  edge's client certificate names ``keybroker://node/edge1``, which the real key server
+  requires;
 * **local**: the operator performs with ``LocalKeyStore`` in the worker process, so a
   handshake has no key-server round trip (and no key-client work).
 
@@ -66,6 +71,28 @@ Figures (``docs/benchmarks.md``, ``## keyless``):
   is not installed the figures are skipped with the reason; ``--install-nginx`` (full mode
   only) installs ``nginx-light`` with ``apt-get`` first.
 
+**The key server alone** (``keyserver_*`` figures): the real ``keybroker keyserver
+--workers 2 --pool thread`` (``--keyserver-pool``), loaded from one separate process with
+one mutual-TLS connection and ``--depth`` (64) requests in flight: a blocking ``ssl``
+socket, one ``recv`` for whatever answers have arrived, one ``sendall`` of as many new
+requests, framed by ``protocol.ClientConnection`` as the edge frames them (SKI, SNI, a
+SHA-256 digest, padded to 1,024 bytes). ECDSA P-256 (``ECDSA_SIGN_SHA256``) and RSA-2048
+(``RSA_PSS_SIGN_SHA256``, what a TLS 1.3 edge asks for). The floor: the same digests
+signed with raw ``cryptography`` (the algorithm objects made once) in 2 processes, as many
+as the key server's workers. Key server and raw alternate in slices (key server, raw,
+raw, key server, ...; 3 pairs of 5 s per key kind, 1 pair of 1 s in quick mode, after a
+warm-up); the answers are counted over the timed window by the load generator, the raw
+signatures by each signing process; ``keyserver_<kind>_ratio`` is the median of the
+per-pair ratios (goal >= 0.8). The key server and its load generator share the 2 CPUs
+while raw signing has them to itself, so the ratio includes the load generator's CPU; the
+CPU of each party is read from ``/proc`` (the key server's event-loop thread, its other
+threads, its worker processes; the load generator; the raw processes) and printed per
+slice as a share of the machine and in µs per operation. ``keyserver_<kind>_cpu_ratio``
+(raw CPU per op over the key server's) is the ratio with the CPUs to the key server
+alone. Cross-checks: no request may be answered with an error, and the first 64 answers
+of each slice, and the first raw signature of each process, must verify with the public
+key.
+
 Cross-checks before timing (a failure exits 1): for each edge started, a verified Python
 ``ssl`` TLS 1.3 handshake against the test CA (so the signature from the key server
 verifies, and the right certificate is served), one with P-256 key exchange, and one
@@ -79,10 +106,17 @@ such as ``len`` counts for its caller), the calls per handshake into ``fasttls``
 ``cryptography``, and the top functions; then the cost per call of each replaced
 primitive, tlslite's against fasttls's.
 
+``--profile-keyserver`` instead runs the real key server under ``cProfile`` with a
+per-thread CPU clock (its main thread, the event loop; started once its modules are
+imported) under the key-server load, P-256 then RSA-2048, and prints the loop's CPU by
+group and the top functions; the executor threads' CPU per operation comes from ``/proc``.
+
 Run: ``python bench/keyless.py [--quick] [--slice S] [--pairs N] [--clients C] [--workers W]
-[--keyserver test] [--install-nginx] [--profile]``. ``--quick`` (under a minute): 2-s
-slices, 2 pairs for P-256 shared, 1 for the rest; full: 5-s slices, 5 pairs, 3 for the
-rest. Exits non-zero only if something is broken, never because a goal is missed.
+[--keyserver keybroker|test] [--depth D] [--keyserver-pool thread|process] [--ks-slice S]
+[--ks-pairs N] [--install-nginx] [--profile] [--profile-keyserver]``. ``--quick`` (under a
+minute): 2-s slices, 2 pairs for P-256 shared, 1 for the rest, key server 1 pair of 1 s
+per kind; full: 5-s slices, 5 pairs, 3 for the rest, key server 3 pairs of 5 s per kind.
+Exits non-zero only if something is broken, never because a goal is missed.
 """
 
 from __future__ import annotations
@@ -113,14 +147,18 @@ from typing import Any
 
 import cryptography
 import tlslite  # type: ignore[import-untyped,unused-ignore]
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "flows" / "keyless"))
 
-from edge_kit import Mtls, Site, TestKeyServer, make_mtls, write_config
+from edge_kit import KEYSERVER_NAME, Mtls, Site, TestKeyServer, write_config
+from pki_kit import make_pki
 from tlskit import Authority, Leaf, PrivateKey, new_key
 
 from benchkit import Broken, Figure, cpu_model, load
+from keybroker.errors import KeybrokerError
 from keybroker.flows.keyless.codes import Op
 from keybroker.flows.keyless.edge import (
     Edge,
@@ -131,13 +169,22 @@ from keybroker.flows.keyless.edge import (
     key_client,
     load_config,
 )
-from keybroker.flows.keyless.operations import KeyOperationError, LocalKeyStore
+from keybroker.flows.keyless.keyclient import client_context
+from keybroker.flows.keyless.operations import KeyOperationError, LocalKeyStore, ski_of
+from keybroker.flows.keyless.protocol import ClientConnection
 from keybroker.flows.keyless.tlskeys import KeyOperationFailed, KeyOperator
+from keybroker.pki.validation import principal_of
 
 FLOW = "keyless"
 KINDS = {"p256": "ecdsa", "rsa2048": "rsa"}
 FULL_GOAL = 300.0
 RATIO_GOAL = 0.9
+#: The key server's executor workers, and the raw floor's signing processes.
+KEYSERVER_WORKERS = 2
+#: Key-server ops/s over raw ``cryptography`` signing with as many processes.
+KEYSERVER_RATIO_GOAL = 0.8
+#: The opcode each key kind is measured with: what a TLS 1.3 edge asks for.
+KEYSERVER_OPS = {"p256": Op.ECDSA_SIGN_SHA256, "rsa2048": Op.RSA_PSS_SIGN_SHA256}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FORK = multiprocessing.get_context("fork")
 X25519_BASE = (9).to_bytes(32, "little")
@@ -164,9 +211,10 @@ class KeyServer:
                 self.process.wait()
 
 
-def start_test_keyserver(directory: Path, keys: list[PrivateKey], mtls: Mtls) -> KeyServer:
-    """The test kit's key server (``edge_kit.TestKeyServer``) in a subprocess of this script."""
+def write_pem_keys(directory: Path, keys: list[PrivateKey]) -> list[Path]:
+    """``keys`` as unencrypted PKCS#8 PEM files (mode 0600) in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
+    paths = []
     for index, key in enumerate(keys):
         path = directory / f"key{index}.pem"
         path.write_bytes(
@@ -177,6 +225,26 @@ def start_test_keyserver(directory: Path, keys: list[PrivateKey], mtls: Mtls) ->
             )
         )
         path.chmod(0o600)
+        paths.append(path)
+    return paths
+
+
+def read_ready_line(process: subprocess.Popen[str], what: str, log: Path | None = None) -> str:
+    """The address in the ``listening on HOST:PORT`` line a key server prints once serving."""
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.match(r"listening on (\S+)", line)
+    if match is None:
+        process.kill()
+        process.wait()
+        tail = log.read_text(errors="replace")[-600:] if log is not None and log.exists() else ""
+        raise Broken(f"{what} did not start: {line!r} {tail}")
+    return match.group(1)
+
+
+def start_test_keyserver(directory: Path, keys: list[PrivateKey], mtls: Mtls) -> KeyServer:
+    """The test kit's key server (``edge_kit.TestKeyServer``) in a subprocess of this script."""
+    write_pem_keys(directory, keys)
     for name in ("ca", "server_cert", "server_key", "edge_cert", "edge_key"):
         (directory / f"mtls.{name}").write_text(str(getattr(mtls, name)))
     process = subprocess.Popen(
@@ -185,13 +253,82 @@ def start_test_keyserver(directory: Path, keys: list[PrivateKey], mtls: Mtls) ->
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.fullmatch(r"listening on (\S+)\n", line)
-    if match is None:
-        process.kill()
-        raise Broken(f"the test key server did not start: {line!r}")
-    return KeyServer(match.group(1), process.pid, process)
+    return KeyServer(read_ready_line(process, "the test key server"), process.pid, process)
+
+
+def keybroker_command() -> list[str]:
+    """How to run ``keybroker``: the venv's console script next to this interpreter."""
+    script = Path(sys.executable).with_name("keybroker")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "keybroker.cli.main"]
+
+
+#: ``keybroker`` under cProfile with a per-thread CPU clock, started once the key server's
+#: modules are imported; the statistics are written when it exits (SIGTERM: gracefully).
+PROFILED_KEYBROKER = """
+import cProfile, sys, time
+import uvloop
+import keybroker.flows.keyless.keyserver
+from keybroker.cli.main import main
+out = sys.argv.pop(1)
+sys.argv[0] = "keybroker"
+profile = cProfile.Profile(time.thread_time)
+try:
+    profile.runcall(main)
+except SystemExit:
+    pass
+finally:
+    profile.dump_stats(out)
+"""
+
+
+def start_keybroker_keyserver(
+    directory: Path,
+    keys: list[PrivateKey],
+    mtls: Mtls,
+    *,
+    workers: int = KEYSERVER_WORKERS,
+    pool: str = "thread",
+    profile_to: Path | None = None,
+) -> KeyServer:
+    """The real ``keybroker keyserver`` in a subprocess: ``keys`` as a PEM key directory,
+    a static grants table giving every key to the edge of ``mtls.edge_cert`` (its
+    ``keybroker://`` principal), the test CA as the edges' CA, ``--workers`` executor
+    workers. ``profile_to``: run it under cProfile (:data:`PROFILED_KEYBROKER`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_pem_keys(directory / "keys", keys)
+    try:
+        edge = principal_of(x509.load_pem_x509_certificate(mtls.edge_cert.read_bytes()))
+    except KeybrokerError as exc:
+        raise Broken(f"the edge certificate names no keybroker principal: {exc}") from exc
+    grants = directory / "grants.toml"
+    skis = ", ".join(f'"{ski_of(key.public_key()).hex()}"' for key in keys)
+    grants.write_text(f'[edges]\n"{edge}" = [{skis}]\n')
+    command = keybroker_command()
+    if profile_to is not None:
+        command = [sys.executable, "-c", PROFILED_KEYBROKER, str(profile_to)]
+    log = directory / "keyserver.log"
+    with log.open("ab") as sink:
+        options = {
+            "listen": "127.0.0.1:0",
+            "cert": mtls.server_cert,
+            "key": mtls.server_key,
+            "client-ca": mtls.ca,
+            "keys-dir": directory / "keys",
+            "grants": grants,
+            "workers": workers,
+            "pool": pool,
+            "log-level": "warning",
+        }
+        process = subprocess.Popen(
+            [*command, "keyserver", *(f"--{name}={value}" for name, value in options.items())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            text=True,
+        )
+    return KeyServer(read_ready_line(process, "keybroker keyserver", log), process.pid, process)
 
 
 def serve_test_keyserver(directory: Path) -> int:
@@ -215,13 +352,14 @@ def serve_test_keyserver(directory: Path) -> int:
     return 0
 
 
-#: How to start each kind of key server; ``--keyserver`` picks one. A real
-#: ``keybroker keyserver`` goes here as another function of the same signature: write its
-#: configuration for ``keys`` (its TLS server certificate and key, and the CA of the edge's
-#: client certificate, are ``mtls.server_cert``, ``mtls.server_key`` and ``mtls.ca``; the
-#: edge checks the name ``edge_kit.KEYSERVER_NAME``), start it with ``subprocess.Popen``,
-#: read its address, return ``KeyServer(address, pid, process)``.
+#: How to start each kind of key server; ``--keyserver`` picks one (default ``keybroker``,
+#: the real one). Each is a function of the key directory, the service keys and the
+#: mutual-TLS files that starts the key server in a subprocess and returns its address
+#: and pid. The edge checks the name ``edge_kit.KEYSERVER_NAME`` in the server's
+#: certificate, and the real key server finds the edge's principal in its client
+#: certificate (``pki_kit``'s ``keybroker://node/edge1``).
 KEYSERVERS: dict[str, Callable[[Path, list[PrivateKey], Mtls], KeyServer]] = {
+    "keybroker": start_keybroker_keyserver,
     "test": start_test_keyserver,
 }
 
@@ -636,7 +774,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
     workdir = Path(tempfile.mkdtemp(prefix="keybroker-bench-keyless-"))
     ca = Authority.create(workdir)
     leaves = {kind: ca.issue(f"{kind}.bench.test", new_key(key)) for kind, key in KINDS.items()}
-    mtls = make_mtls(workdir / "mtls")
+    pki = make_pki(workdir / "mtls")  # the edge's certificate names keybroker://node/edge1
+    mtls = Mtls(pki.ca.path, pki.server.cert, pki.server.key, pki.edge1.cert, pki.edge1.key)
     keyserver = KEYSERVERS[args.keyserver](
         workdir / "keyserver", [leaf.key for leaf in leaves.values()], mtls
     )
@@ -784,6 +923,413 @@ def added_latency(setup: Setup, count: int) -> tuple[float, float]:
         1000 * statistics.median(times["remote"]),
         1000 * statistics.median(times["local"]),
     )
+
+
+# --- the key server alone -----------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid``'s descendants (a process pool's forkserver and its workers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(
+                    int(entry.name)
+                )
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of ``pid``'s main thread (the key server's event loop) and of its other
+    threads (the executor's) so far."""
+    main = rest = 0.0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
+                if int(task.name) == pid:
+                    main += seconds
+                else:
+                    rest += seconds
+    return main, rest
+
+
+@dataclasses.dataclass
+class OpsWindow:
+    """One timed window of key operations: how many were answered, and who used the CPU."""
+
+    seconds: float
+    ops: int
+    #: CPU seconds by party: ``loop``, ``threads``, ``workers`` (the key server's event-loop
+    #: thread, its other threads, its worker processes), ``load``, ``raw``.
+    cpu: dict[str, float]
+    machine_busy: float
+    machine_total: float
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds
+
+    def share(self, party: str) -> float:
+        return self.cpu.get(party, 0.0) / self.machine_total if self.machine_total else 0.0
+
+    def us_per_op(self, *parties: str) -> float:
+        spent = sum(self.cpu.get(party, 0.0) for party in parties)
+        return 1e6 * spent / self.ops if self.ops else float("nan")
+
+    def describe(self) -> str:
+        parts = [f"{name} {self.share(name):4.0%}" for name in self.cpu if self.cpu[name] > 0]
+        per_op = ", ".join(
+            f"{name} {self.us_per_op(name):.1f}" for name in self.cpu if self.cpu[name] > 0
+        )
+        return (
+            f"{self.rate:9,.0f} ops/s | CPU share: {', '.join(parts)}, machine busy "
+            f"{self.machine_busy / self.machine_total if self.machine_total else 0:4.0%} | "
+            f"CPU µs/op: {per_op}"
+        )
+
+
+def cpu_window(
+    parties: dict[str, Callable[[], float]], begin: float, end: float
+) -> tuple[float, dict[str, float], float, float]:
+    """(seconds, CPU seconds by party, machine busy, machine total) from ``begin`` to ``end``
+    (``time.monotonic`` instants, the clock the child processes count with)."""
+
+    def sample() -> tuple[float, dict[str, float], tuple[float, float]]:
+        return time.monotonic(), {name: read() for name, read in parties.items()}, machine_busy()
+
+    time.sleep(max(0.0, begin - time.monotonic()))
+    t0, cpu0, (busy0, total0) = sample()
+    time.sleep(max(0.0, end - time.monotonic()))
+    t1, cpu1, (busy1, total1) = sample()
+    spent = {name: cpu1[name] - cpu0[name] for name in parties}
+    return t1 - t0, spent, busy1 - busy0, total1 - total0
+
+
+def _signer(key: Any, kind: str) -> Callable[[bytes], bytes]:
+    """Raw ``cryptography``: what the key server's opcode does, its objects made once."""
+    prehashed = utils.Prehashed(hashes.SHA256())
+    if kind == "p256":
+        algorithm = ec.ECDSA(prehashed)
+        return lambda digest: bytes(key.sign(digest, algorithm))
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    return lambda digest: bytes(key.sign(digest, pss, prehashed))
+
+
+def verify_signature(public: Any, kind: str, digest: bytes, signature: bytes) -> None:
+    """Raise ``InvalidSignature`` unless ``signature`` is the opcode's signature of ``digest``."""
+    prehashed = utils.Prehashed(hashes.SHA256())
+    if kind == "p256":
+        public.verify(signature, digest, ec.ECDSA(prehashed))
+    else:
+        public.verify(
+            signature, digest, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+            prehashed,
+        )  # fmt: skip
+
+
+def _raw_signer(der: bytes, kind: str, digests: list[bytes], begin: float, end: float,
+                out: Any) -> None:  # fmt: skip
+    """One raw signing process: sign the digests in turn until ``end``; send back how many
+    signatures were finished between ``begin`` and ``end``, and the first signature."""
+    sign = _signer(serialization.load_der_private_key(der, password=None), kind)
+    first = sign(digests[0])
+    count = index = 0
+    while True:
+        sign(digests[index % len(digests)])
+        index += 1
+        now = time.monotonic()
+        if now >= end:
+            break
+        if now >= begin:
+            count += 1
+    out.send((count, first))
+
+
+def _keyserver_load(address: str, mtls: Mtls, op: Op, ski: bytes, sni: str,
+                    digests: list[bytes], depth: int, begin: float, end: float,
+                    out: Any) -> None:  # fmt: skip
+    """The load generator (its own process): one mutual-TLS connection with ``depth``
+    requests in flight, a new request sent for each answer, on a blocking ``ssl`` socket
+    (one ``recv`` takes every answer that has arrived; one ``sendall`` sends as many
+    requests). Requests are framed by :class:`ClientConnection` as the edge's key client
+    frames them (SKI, SNI, the digest, padded to 1,024 bytes). Sends back the answers
+    counted between ``begin`` and ``end``, the errors, and the first ``depth`` results with
+    their digests (for the cross-check). After ``end`` it stops sending and reads the
+    answers still owed, so no work is left in the key server for the next slice."""
+    host, port = address.rsplit(":", 1)
+    context = client_context(mtls.ca, mtls.edge_cert, mtls.edge_key)
+    proto = ClientConnection(max_pending=depth)
+    digest_of: dict[int, bytes] = {}
+    checked: list[tuple[bytes, bytes]] = []
+    count = errors = sent = 0
+
+    def requests(number: int) -> bytes:
+        nonlocal sent
+        frames = []
+        for _ in range(number):
+            digest = digests[sent % len(digests)]
+            request_id, frame = proto.send_request(op, ski=ski, payload=digest, sni=sni)
+            if sent < depth:
+                digest_of[request_id] = digest
+            sent += 1
+            frames.append(frame)
+        return b"".join(frames)
+
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with context.wrap_socket(raw, server_hostname=KEYSERVER_NAME) as tls:
+            tls.sendall(requests(depth))
+            sending = True
+            while proto.pending:
+                data = tls.recv(1 << 18)
+                if not data:
+                    raise Broken("the key server closed the connection")
+                answers = proto.receive_data(data)
+                now = time.monotonic()
+                if begin <= now < end:
+                    count += len(answers)
+                for answer in answers:
+                    if answer.error_code is not None:
+                        errors += 1
+                    elif answer.id in digest_of and len(checked) < depth:
+                        checked.append((digest_of[answer.id], answer.payload))
+                sending = sending and now < end
+                if sending and answers:
+                    tls.sendall(requests(len(answers)))
+    out.send((count, errors, checked))
+
+
+@dataclasses.dataclass
+class KeyserverPair:
+    """Alternating windows of the key server and of raw signing, one key kind."""
+
+    keyserver: list[OpsWindow] = dataclasses.field(default_factory=list)
+    raw: list[OpsWindow] = dataclasses.field(default_factory=list)
+
+    def ratios(self) -> list[float]:
+        return [k.rate / r.rate for k, r in zip(self.keyserver, self.raw, strict=True) if r.ops]
+
+    @staticmethod
+    def median(windows: list[OpsWindow], value: Callable[[OpsWindow], float]) -> float:
+        return statistics.median(value(w) for w in windows) if windows else float("nan")
+
+
+def _collect(process: Any, out: Any, what: str, timeout: float) -> Any:
+    if not out.poll(timeout):
+        process.kill()
+        process.join()
+        raise Broken(f"{what} sent no result (exit code {process.exitcode})")
+    result = out.recv()
+    process.join(timeout=10)
+    return result
+
+
+def keyserver_window(setup: Setup, server: KeyServer, kind: str, digests: list[bytes]) -> OpsWindow:
+    """One window of the key server under ``--depth`` pipelined requests of one kind."""
+    args = setup.args
+    leaf = setup.leaves[kind]
+    begin = time.monotonic() + args.ks_warm
+    end = begin + args.ks_slice
+    receiver, sender = FORK.Pipe(duplex=False)
+    process = FORK.Process(
+        target=_keyserver_load,
+        args=(server.address, setup.mtls, KEYSERVER_OPS[kind], ski_of(leaf.key.public_key()),
+              leaf.name, digests, args.depth, begin, end, sender),
+        name=f"keyserver-load-{kind}",
+        daemon=True,
+    )  # fmt: skip
+    process.start()
+    sender.close()
+    workers: list[int] = []
+
+    def worker_cpu() -> float:
+        workers[:] = workers or process_tree(server.pid)
+        return sum(cpu_of(pid) for pid in workers)
+
+    seconds, cpu, busy, total = cpu_window(
+        {
+            "loop": lambda: thread_cpu(server.pid)[0],
+            "threads": lambda: thread_cpu(server.pid)[1],
+            "workers": worker_cpu,
+            "load": lambda: cpu_of(int(process.pid)),
+        },
+        begin,
+        end,
+    )
+    count, errors, checked = _collect(process, receiver, "the key-server load", 30)
+    if errors:
+        raise Broken(f"the key server answered {errors} {kind} requests with an error")
+    if not checked:
+        raise Broken(f"the key server answered no {kind} request")
+    public = leaf.key.public_key()
+    try:
+        for digest, signature in checked:
+            verify_signature(public, kind, digest, signature)
+    except Exception as exc:
+        raise Broken(f"a {kind} signature from the key server does not verify") from exc
+    return OpsWindow(seconds, count, cpu, busy, total)
+
+
+def raw_window(setup: Setup, kind: str, digests: list[bytes]) -> OpsWindow:
+    """One window of raw ``cryptography`` signing in ``KEYSERVER_WORKERS`` processes."""
+    args = setup.args
+    leaf = setup.leaves[kind]
+    der = leaf.key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    begin = time.monotonic() + args.ks_warm
+    end = begin + args.ks_slice
+    runs = []
+    for index in range(KEYSERVER_WORKERS):
+        receiver, sender = FORK.Pipe(duplex=False)
+        process = FORK.Process(
+            target=_raw_signer, args=(der, kind, digests, begin, end, sender),
+            name=f"raw-{kind}-{index}", daemon=True,
+        )  # fmt: skip
+        process.start()
+        sender.close()
+        runs.append((process, receiver))
+    seconds, cpu, busy, total = cpu_window(
+        {"raw": lambda: sum(cpu_of(int(process.pid)) for process, _ in runs)}, begin, end
+    )
+    count = 0
+    for process, receiver in runs:
+        done, first = _collect(process, receiver, "a raw signing process", 30)
+        try:
+            verify_signature(leaf.key.public_key(), kind, digests[0], first)
+        except Exception as exc:
+            raise Broken(f"a raw {kind} signature does not verify") from exc
+        count += done
+    return OpsWindow(seconds, count, cpu, busy, total)
+
+
+def keyserver_compare(setup: Setup, server: KeyServer, kind: str, pairs: int) -> KeyserverPair:
+    """The key server against raw signing, alternating (key server, raw, raw, key server...)."""
+    digests = [os.urandom(32) for _ in range(256)]
+    result = KeyserverPair()
+    for index in range(pairs):
+        order: list[tuple[str, Callable[[], OpsWindow], list[OpsWindow]]] = [
+            ("keyserver", lambda: keyserver_window(setup, server, kind, digests), result.keyserver),
+            ("raw", lambda: raw_window(setup, kind, digests), result.raw),
+        ]
+        if index % 2:
+            order.reverse()
+        for name, measure, into in order:
+            window = measure()
+            into.append(window)
+            print(f"  {name + '-' + kind:18} {window.describe()}", flush=True)
+    return result
+
+
+def keyserver_figures(kind: str, pair: KeyserverPair, args: argparse.Namespace) -> list[Figure]:
+    label = {"p256": "ECDSA P-256", "rsa2048": "RSA-2048 PSS"}[kind]
+    rate = pair.median(pair.keyserver, lambda w: w.rate)
+    raw = pair.median(pair.raw, lambda w: w.rate)
+    server_us = pair.median(pair.keyserver, lambda w: w.us_per_op("loop", "threads", "workers"))
+    raw_us = pair.median(pair.raw, lambda w: w.us_per_op("raw"))
+    return [
+        Figure(
+            f"keyserver_{kind}_ratio", median(pair.ratios()), "ratio", 3,
+            (">=", KEYSERVER_RATIO_GOAL), f"{label}: key server ops/s over raw signing with "
+            f"{KEYSERVER_WORKERS} processes, median of {len(pair.ratios())} paired slices",
+        ),
+        Figure(
+            f"keyserver_{kind}_ops_per_s", rate, "ops/s", 0, None,
+            f"{label}: keybroker keyserver --workers {KEYSERVER_WORKERS} --pool "
+            f"{args.keyserver_pool}, 1 mutual-TLS connection, depth {args.depth}",
+        ),
+        Figure(
+            f"keyserver_{kind}_raw_ops_per_s", raw, "ops/s", 0, None,
+            f"{label}: raw cryptography signing, {KEYSERVER_WORKERS} processes",
+        ),
+        Figure(
+            f"keyserver_{kind}_cpu_us_per_op", server_us, "us", 1, None,
+            f"{label}: key server CPU per operation (all threads and workers)",
+        ),
+        Figure(
+            f"keyserver_{kind}_raw_cpu_us_per_op", raw_us, "us", 1, None,
+            f"{label}: raw signing CPU per operation",
+        ),
+        Figure(
+            f"keyserver_{kind}_cpu_ratio", raw_us / server_us if server_us else 0.0, "ratio", 3,
+            None, f"{label}: raw CPU per op over the key server's: the ratio with the CPUs "
+            "to the key server alone",
+        ),
+        Figure(
+            f"keyserver_{kind}_loadgen_cpu_share",
+            100 * pair.median(pair.keyserver, lambda w: w.share("load")), "%", 1, None,
+            f"{label}: the load generator's share of the machine's CPU in the key-server slices",
+        ),
+    ]  # fmt: skip
+
+
+KEYSERVER_GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("TLS and socket I/O (uvloop, ssl)", ("uvloop", "sslproto", "ssl.py", "_ssl", "SSLObject",
+                                          "selector", "transports", "socket")),
+    ("protocol.py: framing, Request/Response objects", ("protocol.py",)),
+    ("keyserver.py: admission, dispatch, replies, metrics", ("keyserver.py", "bisect")),
+    ("authorizer, check_op", ("authz.py", "operations.py", "codes.py")),
+    ("executor hand-off (concurrent.futures, threading)", ("concurrent/futures", "threading.py",
+                                                           "queue.py", "_queue", "lock")),
+    ("asyncio event loop", ("asyncio", "events.py", "base_events.py", "call_soon", "run_forever")),
+    ("enum, dataclasses, functools", ("enum.py", "dataclasses.py", "functools", "<string>")),
+]  # fmt: skip
+
+
+def profile_keyserver(setup: Setup, kind: str, seconds: float) -> None:
+    """cProfile of ``keybroker keyserver``'s main thread (the event loop) under the load of
+    the key-server figures; the executor threads' CPU is read from /proc."""
+    out = setup.workdir / f"keyserver-{kind}.prof"
+    server = start_keybroker_keyserver(
+        setup.workdir / f"keyserver-profiled-{kind}", setup.keys(), setup.mtls,
+        pool=setup.args.keyserver_pool, profile_to=out,
+    )  # fmt: skip
+    digests = [os.urandom(32) for _ in range(256)]
+    try:
+        setup.args.ks_slice = seconds
+        window = keyserver_window(setup, server, kind, digests)
+    finally:
+        server.stop()
+    print(f"\nkey server under cProfile, {kind}, depth {setup.args.depth}: {window.describe()}")
+    stats = pstats.Stats(str(out))
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = sum(entry[2] for entry in raw.values())
+    ops = max(1, window.ops)
+    shares: dict[str, float] = {}
+
+    def group(path: str, name: str) -> str:
+        where = f"{path}:{name}"
+        return next(
+            (label for label, needles in KEYSERVER_GROUPS if any(n in where for n in needles)),
+            "other",
+        )
+
+    for (path, _line, name), entry in raw.items():
+        own = group(path, name)
+        parts = [(own, entry[2])]
+        if path == "~" and own == "other" and entry[4]:  # a built-in counts for its caller
+            parts = [(group(caller[0], caller[2]), edge[2]) for caller, edge in entry[4].items()]
+        for label, spent in parts:
+            shares[label] = shares.get(label, 0.0) + spent
+    print(
+        f"main thread (event loop) under the profiler: {1e6 * total / ops:.1f} µs of CPU per "
+        "operation (the whole run over the window's operations; the profiler's own cost per "
+        "call inflates Python-heavy code)"
+    )
+    for label, value in sorted(shares.items(), key=lambda item: -item[1]):
+        print(f"  {100 * value / total:5.1f} %  {label}")
+    print("\ntop functions by own time (main thread):")
+    stats.sort_stats("tottime").print_stats(25)
 
 
 # --- nginx --------------------------------------------------------------------------------------
@@ -1175,7 +1721,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=None, help="remote/local pairs for P-256")
     parser.add_argument("--clients", type=int, default=16, help="concurrent s_time processes")
     parser.add_argument("--workers", type=int, default=2, help="edge worker processes")
-    parser.add_argument("--keyserver", choices=sorted(KEYSERVERS), default="test")
+    parser.add_argument("--keyserver", choices=sorted(KEYSERVERS), default="keybroker")
+    parser.add_argument("--depth", type=int, default=64, help="key-server pipeline depth")
+    parser.add_argument(
+        "--keyserver-pool", choices=("thread", "process"), default="thread",
+        help="executor of the key server measured alone",
+    )  # fmt: skip
+    parser.add_argument("--ks-slice", type=float, default=None, help="key-server slice seconds")
+    parser.add_argument("--ks-pairs", type=int, default=None, help="key-server/raw pairs per kind")
+    parser.add_argument(
+        "--profile-keyserver", action="store_true", help="profile the key server instead"
+    )
     parser.add_argument("--install-nginx", action="store_true", help="apt-get nginx-light")
     parser.add_argument("--profile", action="store_true", help="profile one worker instead")
     parser.add_argument("--serve-test-keyserver", type=Path, help=argparse.SUPPRESS)
@@ -1185,6 +1741,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.other_pairs = 1 if args.quick else 3
     args.pinned_pairs = 1 if args.quick else 3
     args.latency_count = 100 if args.quick else 400
+    args.ks_slice = args.ks_slice or (1.0 if args.quick else 5.0)
+    args.ks_pairs = args.ks_pairs or (1 if args.quick else 3)
+    args.ks_warm = 0.4 if args.quick else 1.0
     return args
 
 
@@ -1212,6 +1771,10 @@ def main(argv: list[str] | None = None) -> int:
                 profile_run(setup, 5.0 if args.quick else 15.0, fast=fast)
             primitive_costs()
             return 0
+        if args.profile_keyserver:
+            for kind in KEYSERVER_OPS:
+                profile_keyserver(setup, kind, 5.0 if args.quick else 15.0)
+            return 0
         print(f"fast tlslite, ECDSA P-256: remote vs local; {SHARED.describe()}", flush=True)
         p256 = compare(setup, "p256", fast=True, pairs=args.pairs)
         pinned = Pair()
@@ -1229,6 +1792,25 @@ def main(argv: list[str] | None = None) -> int:
         print("latency of one sequential handshake (fast, P-256, one worker)", flush=True)
         remote_ms, local_ms = added_latency(setup, args.latency_count)
         print(f"  median remote {remote_ms:.2f} ms, local {local_ms:.2f} ms", flush=True)
+        print(
+            f"the key server alone: keybroker keyserver --workers {KEYSERVER_WORKERS} --pool "
+            f"{args.keyserver_pool}, one mutual-TLS connection, depth {args.depth}, against raw "
+            f"cryptography signing in {KEYSERVER_WORKERS} processes",
+            flush=True,
+        )
+        alone = setup.keyserver
+        if args.keyserver != "keybroker" or args.keyserver_pool != "thread":
+            alone = start_keybroker_keyserver(
+                setup.workdir / "keyserver-alone", setup.keys(), setup.mtls,
+                pool=args.keyserver_pool,
+            )  # fmt: skip
+        try:
+            keyserver_pairs = {
+                kind: keyserver_compare(setup, alone, kind, args.ks_pairs) for kind in KEYSERVER_OPS
+            }
+        finally:
+            if alone is not setup.keyserver:
+                alone.stop()
         nginx, why = nginx_available(args)
         ceiling: list[Window] = []
         if nginx is None:
@@ -1327,6 +1909,8 @@ def main(argv: list[str] | None = None) -> int:
                     "edge (remote key) over nginx (local key)",
                 ),
             ]  # fmt: skip
+        for kind, pair in keyserver_pairs.items():
+            figures += keyserver_figures(kind, pair, args)
     except Exception as exc:
         broken.append(f"{type(exc).__name__}: {exc}")
         traceback.print_exc()

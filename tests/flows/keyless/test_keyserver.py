@@ -1234,6 +1234,31 @@ def test_pem_key_source_refuses_unsafe_or_unusable_files(
         PemKeySource(empty)
 
 
+def test_pem_key_source_answers_alike_once_it_has_learnt_a_key_and_opcode(
+    material: Material, tmp_path: Path
+) -> None:
+    """After a first success a (key, opcode) is signed without the full path's checks; the
+    results still verify, and every failure still gets the full path's code."""
+    write_keys(tmp_path / "keys", material.keys)
+    source = PemKeySource(tmp_path / "keys")
+    for key in material.keys.values():
+        for op in ops_for(key):
+            for _ in range(3):
+                payload = payload_for(op, key)
+                check_result(op, key.public_key(), payload, source.perform(ski(key), op, payload))
+            if SIGN_HASH.get(op) is not None:
+                with pytest.raises(KeyOperationError) as short:
+                    source.perform(ski(key), op, payload_for(op, key)[:-1])
+                assert short.value.code is ErrorCode.FORMAT
+        wrong = Op.ED25519_SIGN if SIGN_HASH.get(ops_for(key)[0]) else Op.ECDSA_SIGN_SHA256
+        with pytest.raises(KeyOperationError) as unexpected:
+            source.perform(ski(key), wrong, bytes(32))
+        assert unexpected.value.code is ErrorCode.UNEXPECTED_OPCODE
+    with pytest.raises(KeyOperationError) as missing:
+        source.perform(GHOST_SKI, Op.ECDSA_SIGN_SHA256, bytes(32))
+    assert missing.value.code is ErrorCode.KEY_NOT_FOUND
+
+
 def test_tls_context_errors_name_the_file(material: Material, tmp_path: Path) -> None:
     pki = material.pki
     with pytest.raises(ConfigurationError, match=r"^cert/key: "):

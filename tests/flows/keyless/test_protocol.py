@@ -462,6 +462,21 @@ def test_server_receives_and_answers() -> None:
         server.send_response(Response.ok(1, b"again"))
 
 
+def test_send_ok_is_send_response_of_an_ok_reply() -> None:
+    """The key server's shortcut frames the same bytes with the same checks."""
+    server = ServerConnection()
+    server.receive_data(b"".join(encode_request(sign_request(n)) for n in (1, 2, 3)))
+    server.receive_data(encode_request(Request(4, Op.PING, payload=b"hi")))
+    for request_id, payload in ((1, b"signature"), (2, b""), (3, b"s" * 512)):
+        assert server.send_ok(request_id, payload) == encode_response(
+            Response.ok(request_id, payload)
+        )
+    for request_id in (1, 4, 9):  # answered already, a PING, never asked
+        with pytest.raises(LocalProtocolError):
+            server.send_ok(request_id, b"signature")
+    assert server.pending == 1
+
+
 def test_server_answers_ping_with_pong_only() -> None:
     server = ServerConnection()
     server.receive_data(encode_request(Request(4, Op.PING, payload=b"hi")))

@@ -15,7 +15,7 @@ from ipaddress import IPv4Address, IPv6Address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keybroker.errors import RemoteProtocolError
+from keybroker.errors import DecodeError, RemoteProtocolError
 from keybroker.flows.keyless.codes import ErrorCode, Op, Tag
 from keybroker.flows.keyless.protocol import (
     MAX_ID,
@@ -27,6 +27,8 @@ from keybroker.flows.keyless.protocol import (
     RequestReceived,
     Response,
     ServerConnection,
+    _decode_request_body,  # the full decoder, which the server's fast path stands in for
+    _fast_request,
     decode_request,
     decode_response,
     encode_request,
@@ -165,6 +167,41 @@ def test_decode_response_raises_only_remote_protocol_errors(frame: bytes) -> Non
     else:
         assert isinstance(response, Response)
         assert decode_response(encode_response(response)) == response
+
+
+#: What an edge sends: a key operation with an SKI, an SNI and a digest (or a PING).
+edge_requests = st.builds(
+    Request,
+    id=st.integers(0, MAX_ID),
+    op=st.sampled_from(sorted(REQUEST_OPS)),
+    ski=st.none() | st.binary(min_size=20, max_size=20),
+    sni=st.none()
+    | st.from_regex(r"[A-Za-z0-9_-]{1,20}(\.[A-Za-z0-9_-]{1,20}){0,3}", fullmatch=True),
+    payload=st.binary(max_size=600),
+)
+
+
+@FUZZ
+@given(st.one_of(request_like, edge_requests.map(encode_request)))
+def test_the_fast_request_decoder_agrees_with_the_full_one(frame: bytes) -> None:
+    """Whatever it accepts, the full decoder decodes to the same request; it may decline."""
+    request_id = int.from_bytes(frame[4:8], "big") if len(frame) >= 8 else 0
+    fast = _fast_request(request_id, frame, 8, len(frame)) if len(frame) >= 8 else None
+    try:
+        full: Request | None = _decode_request_body(request_id, frame[8:])
+    except DecodeError:
+        full = None
+    if fast is not None:
+        assert full is not None
+        assert fast == full
+        assert repr(fast) == repr(full)
+
+
+@FUZZ
+@given(edge_requests)
+def test_the_fast_request_decoder_takes_what_an_edge_sends(request: Request) -> None:
+    frame = encode_request(request)
+    assert _fast_request(request.id, frame, 8, len(frame)) == request
 
 
 # -- connections ------------------------------------------------------------------------------

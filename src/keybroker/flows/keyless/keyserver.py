@@ -23,12 +23,13 @@ How a request travels:
    (:class:`~.authz.Authorizer`) *before* the key is looked up, so an edge
    learns nothing about keys it was not granted.
 4. **Perform** (off the event loop). Admitted operations are queued and,
-   once per loop iteration, handed to an executor in small batches (a batch
-   per worker at most, at most ``max_batch`` each): a thread pool calling the
-   :class:`KeySource`, or a process pool whose workers hold copies of the
-   keys (:func:`~.operations.init_worker`). Replies are written as each
-   batch completes, so they go out **out of order**; the writes of one loop
-   iteration are coalesced into one TLS write.
+   once per loop iteration, handed to an executor in batches of at most
+   ``max_batch`` (one per idle worker, or one if every worker is busy): a
+   thread pool calling the :class:`KeySource`, or a process pool whose
+   workers hold copies of the keys (:func:`~.operations.init_worker`).
+   Replies are written as each batch completes, so they go out **out of
+   order**; batches that complete together wake the loop once, and the
+   writes of one loop iteration are coalesced into one TLS write.
 
 **Reload** (:meth:`KeyServer.reload`, SIGHUP in the CLI, and every ``refresh``
 seconds if set) builds a new *generation* — ``KeySource.reload()``,
@@ -76,7 +77,7 @@ import stat
 import tempfile
 import threading
 import tomllib
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields
@@ -85,8 +86,8 @@ from typing import Any, Final, Literal, Protocol, TypeAlias, cast, runtime_check
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -102,7 +103,15 @@ from keybroker.errors import (
     KeybrokerError,
 )
 from keybroker.flows.keyless.authz import Authorizer, StaticAuthorizer
-from keybroker.flows.keyless.codes import MAX_PENDING, ErrorCode, Op
+from keybroker.flows.keyless.codes import (
+    ECDSA_OPS,
+    MAX_PENDING,
+    RSA_PKCS1_OPS,
+    RSA_PSS_OPS,
+    SIGN_HASH,
+    ErrorCode,
+    Op,
+)
 from keybroker.flows.keyless.operations import (
     KeyOperationError,
     LocalKeyStore,
@@ -192,6 +201,20 @@ _PEM_SUFFIXES: Final = (".pem", ".key")
 _PKCS8_LABEL: Final = b"-----BEGIN PRIVATE KEY-----"
 #: Distinct refusals logged per connection; later ones are only counted.
 _REFUSALS_LOGGED: Final = 16
+
+
+def _admitted(op: Op) -> bool:
+    try:
+        check_op(op)
+    except KeyOperationError:
+        return False
+    return True
+
+
+#: The opcodes :func:`~.operations.check_op` lets through (looked up, not re-checked, per request).
+_ADMITTED_OPS: Final = frozenset(op for op in Op if _admitted(op))
+#: Metric label of each opcode (``Op.name`` is a property, slower than a lookup).
+_OP_NAMES: Final = {op: op.name for op in Op}
 
 
 def default_workers() -> int:
@@ -310,6 +333,44 @@ def _load_pem_key(path: Path, what: str) -> _PemKey:
     return _PemKey(path, private, der)
 
 
+#: A digest length and a function signing such a digest.
+_Signer: TypeAlias = tuple[int, Callable[[bytes], bytes]]
+
+
+def _no_signer(digest: bytes) -> bytes:  # pragma: no cover - guarded by the length -1
+    raise AssertionError("never called")
+
+
+_NO_SIGNER: Final[_Signer] = (-1, _no_signer)
+
+
+def _fast_signer(key: PrivateKey, op: Op) -> _Signer | None:
+    """For a digest-signing ``op`` that ``key`` answers: the digest length, and a function
+    signing a digest of that length as :func:`~.operations.perform` does (ECDSA; RSA-PSS
+    with MGF1 and a salt as long as the digest; RSA PKCS#1 v1.5), its algorithm objects
+    made here once (they are immutable, so threads share them). ``None`` otherwise."""
+    name = SIGN_HASH.get(op)
+    algorithm: hashes.HashAlgorithm | None = {
+        "sha1": hashes.SHA1(),  # noqa: S303 - the opcode asks for it, as in operations
+        "sha224": hashes.SHA224(),
+        "sha256": hashes.SHA256(),
+        "sha384": hashes.SHA384(),
+        "sha512": hashes.SHA512(),
+    }.get(name or "")
+    if algorithm is None:
+        return None
+    prehashed = utils.Prehashed(algorithm)
+    if op in ECDSA_OPS and isinstance(key, ec.EllipticCurvePrivateKey):
+        ecdsa = ec.ECDSA(prehashed)
+        return algorithm.digest_size, lambda digest: key.sign(digest, ecdsa)
+    if isinstance(key, rsa.RSAPrivateKey) and op in RSA_PSS_OPS | RSA_PKCS1_OPS:
+        scheme: padding.AsymmetricPadding = padding.PKCS1v15()
+        if op in RSA_PSS_OPS:
+            scheme = padding.PSS(mgf=padding.MGF1(algorithm), salt_length=algorithm.digest_size)
+        return algorithm.digest_size, lambda digest: key.sign(digest, scheme, prehashed)
+    return None
+
+
 class PemKeySource:
     """Keys from unencrypted PKCS#8 PEM files: every ``*.pem`` / ``*.key`` in a directory
     (names starting with ``.`` are skipped) and/or the files listed.
@@ -321,7 +382,7 @@ class PemKeySource:
     :class:`~keybroker.errors.ConfigurationError`.
     """
 
-    __slots__ = ("_directory", "_files", "_names", "_pem", "_store")
+    __slots__ = ("_directory", "_files", "_names", "_pem", "_signers", "_store")
 
     def __init__(
         self, directory: str | Path | None = None, files: Iterable[str | Path] = ()
@@ -360,14 +421,37 @@ class PemKeySource:
         self._store = store
         self._pem = pem
         self._names = {ski: loaded.path.name for ski, loaded in pem.items()}
+        #: (SKI, opcode) -> :func:`_fast_signer`'s answer, learnt at its first success.
+        self._signers: dict[tuple[bytes, int], _Signer] = {}
 
     def skis(self) -> list[bytes]:
         """The SKIs of the keys read, sorted."""
         return self._store.skis()
 
     def perform(self, ski: bytes, op: Op, payload: bytes) -> bytes:
-        """:meth:`~.operations.LocalKeyStore.perform`."""
-        return self._store.perform(ski, op, payload)
+        """:meth:`~.operations.LocalKeyStore.perform`.
+
+        Once a digest signature with a key and an opcode has succeeded, the next ones with a
+        digest of the right length go straight to the key with the padding and hash objects
+        made once (:func:`_fast_signer`); anything else, and any failure, takes the full
+        path, which gives the same result or the same error.
+        """
+        if type(ski) is not bytes:
+            return self._store.perform(ski, op, payload)
+        signer = self._signers.get((ski, op))
+        if signer is not None:
+            size, sign = signer
+            if len(payload) == size:
+                try:
+                    return sign(payload)
+                except (ValueError, UnsupportedAlgorithm):
+                    pass  # the full path answers with its exact error
+            return self._store.perform(ski, op, payload)
+        result = self._store.perform(ski, op, payload)
+        loaded = self._pem.get(ski)
+        if loaded is not None:
+            self._signers[ski, op] = _fast_signer(loaded.key, Op(op)) or _NO_SIGNER
+        return result
 
     def reload(self) -> PemKeySource:
         """A new source read from the same directory and files."""
@@ -462,7 +546,7 @@ def perform_batch(keys: KeySource | None, jobs: Sequence[Job]) -> list[Result]:
             if keys is None:
                 results.append(worker_perform(ski, op, payload))
             else:
-                results.append(keys.perform(ski, Op(op), payload))
+                results.append(keys.perform(ski, op if type(op) is Op else Op(op), payload))
         except KeyOperationError as exc:
             results.append(int(exc.code))
         except Exception as exc:  # every job is owed an answer
@@ -519,15 +603,20 @@ def _process_pool(workers: int, keys: Mapping[bytes, bytes]) -> concurrent.futur
     )
 
 
-Callback: TypeAlias = Callable[[Result], None]
+#: Called on the loop with a job's result and the loop's time of delivery.
+Callback: TypeAlias = Callable[[Result, float], None]
 
 
 class _Dispatcher:
     """Queues admitted jobs and hands them to an executor in batches, once per loop iteration.
 
-    Jobs queued in one iteration are split into at most ``workers`` batches
-    of at most ``max_batch`` jobs; each batch's results are delivered on the
-    loop as soon as that batch is done (one cross-thread wake-up per batch).
+    Jobs queued in one iteration are split into batches of at most
+    ``max_batch`` jobs, as many as there are idle workers (workers minus the
+    batches submitted and not yet delivered; one batch if none is idle: the
+    jobs wait for a worker anyway, and a bigger batch means fewer hand-offs).
+    Each batch's results are delivered on the loop as soon as that batch is
+    done; batches that finish while the loop has not yet taken the earlier ones
+    are delivered together: one cross-thread wake-up for all, one clock reading.
     """
 
     def __init__(
@@ -551,6 +640,12 @@ class _Dispatcher:
         self._callbacks: list[Callback] = []
         self._scheduled = False
         self._closed = False
+        #: Batches done, waiting for the loop (appended by executor threads).
+        self._finished: deque[tuple[list[Callback], concurrent.futures.Executor, Any]] = deque()
+        #: Whether a wake-up of the loop for ``_finished`` is on its way.
+        self._waking = False
+        #: Batches submitted and not yet delivered (on the loop only).
+        self._running = 0
 
     async def warm_up(self) -> None:
         """Start every worker of a process pool and check it loaded its keys."""
@@ -569,7 +664,8 @@ class _Dispatcher:
         self._scheduled = False
         jobs, callbacks = self._jobs, self._callbacks
         self._jobs, self._callbacks = [], []
-        size = min(self._max_batch, max(1, math.ceil(len(jobs) / self._workers)))
+        idle = min(self._workers, max(1, self._workers - self._running))
+        size = min(self._max_batch, max(1, math.ceil(len(jobs) / idle)))
         executor = self._executor
         for start in range(0, len(jobs), size):
             batch = jobs[start : start + size]
@@ -579,6 +675,7 @@ class _Dispatcher:
             except (RuntimeError, concurrent.futures.BrokenExecutor) as exc:
                 self._failed(waiting, exc, executor)
                 continue
+            self._running += 1
             future.add_done_callback(functools.partial(self._done, waiting, executor))
 
     def _done(
@@ -587,23 +684,37 @@ class _Dispatcher:
         executor: concurrent.futures.Executor,
         future: concurrent.futures.Future[Any],
     ) -> None:
-        # In an executor thread: hop back onto the loop (gone at the very end of shutdown).
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._deliver, callbacks, executor, future)
+        # In an executor thread: hand the batch to the loop, waking it unless a wake-up is
+        # already on its way. The append comes before the test, and the loop clears the flag
+        # before it empties the queue, so a batch is never left behind (the GIL orders both).
+        self._finished.append((callbacks, executor, future))
+        if not self._waking:
+            self._waking = True
+            with contextlib.suppress(RuntimeError):  # the loop is gone at the end of shutdown
+                self._loop.call_soon_threadsafe(self._deliver_finished)
+
+    def _deliver_finished(self) -> None:
+        self._waking = False
+        now = self._loop.time()
+        finished = self._finished
+        while finished:
+            self._deliver(*finished.popleft(), now)
 
     def _deliver(
         self,
         callbacks: list[Callback],
         executor: concurrent.futures.Executor,
         future: concurrent.futures.Future[Any],
+        now: float,
     ) -> None:
+        self._running -= 1
         try:
             results: list[Result] = future.result()
         except BaseException as exc:
             self._failed(callbacks, exc, executor)
             return
         for callback, result in zip(callbacks, results, strict=True):
-            callback(result)
+            callback(result, now)
 
     def _failed(
         self,
@@ -626,8 +737,9 @@ class _Dispatcher:
             _log.warning("a key worker process died; starting a new pool")
             executor.shutdown(wait=False, cancel_futures=True)
             self._executor = self._make_executor()
+        now = self._loop.time()
         for callback in callbacks:
-            callback(int(ErrorCode.INTERNAL))
+            callback(int(ErrorCode.INTERNAL), now)
 
     def close(self) -> None:
         """Stop the executor if this dispatcher owns it (queued batches still run)."""
@@ -873,7 +985,8 @@ class KeyServerSettings:
     shutdown_grace: float = 10.0
     #: Most jobs per executor batch; ``None``: 16 for threads, 64 for processes (measured:
     #: fewer cross-thread wake-ups and GIL hand-offs, or pickling round trips, per job).
-    #: A batch is never larger than what is queued divided by the workers.
+    #: The jobs of one loop iteration are split among the idle workers (all of them in one
+    #: batch, up to this size, when every worker is busy: they would wait anyway).
     max_batch: int | None = None
 
     def __post_init__(self) -> None:
@@ -1042,7 +1155,7 @@ class _EdgeConnection(asyncio.Protocol):
             return
         generation = self._server.generation
         try:
-            checked = check_op(op)
+            checked = op if op in _ADMITTED_OPS else check_op(op)
             ski = request.ski
             if ski is None:
                 raise KeyOperationError(f"{op.name} without an SKI", code=ErrorCode.FORMAT)
@@ -1060,25 +1173,29 @@ class _EdgeConnection(asyncio.Protocol):
         self.in_flight += 1
         self._metrics.pending += 1
         generation.dispatcher.submit(
-            (ski, int(checked), request.payload),
-            functools.partial(self._completed, request.id, op, now, generation),
+            (ski, checked, request.payload),
+            functools.partial(self._completed, (request.id, op, now, generation)),
         )
 
     def _completed(
-        self, request_id: int, op: Op, started: float, generation: _Generation, result: Result
+        self, admitted: tuple[int, Op, float, _Generation], result: Result, now: float
     ) -> None:
+        request_id, op, started, generation = admitted
         self.in_flight -= 1
-        self._metrics.pending -= 1
+        metrics = self._metrics
+        metrics.pending -= 1
         self._server.operation_done(generation)
         if self.closed or self._closing:
-            self._metrics.requests[op.name, "abandoned"] += 1
+            metrics.requests[_OP_NAMES[op], "abandoned"] += 1
             return
-        self._last_active = self._loop.time()
+        self._last_active = now
         if isinstance(result, bytes):
-            response = Response.ok(request_id, result)
+            # The common reply, framed without a Response object (the same bytes and checks).
+            frame = self._conn.send_ok(request_id, result)
+            metrics.observe(_OP_NAMES[op], "ok", now - started)
+            self._write(frame)
         else:
-            response = Response.error(request_id, ErrorCode(result))
-        self._answer(response, op.name, started)
+            self._answer(Response.error(request_id, ErrorCode(result)), _OP_NAMES[op], started)
 
     def _log_refusal(self, ski: bytes, op: Op, exc: KeyOperationError) -> None:
         if len(self._refusals) >= _REFUSALS_LOGGED or (ski, op) in self._refusals:
@@ -1090,6 +1207,10 @@ class _EdgeConnection(asyncio.Protocol):
         frame = self._conn.send_response(response)
         code = response.error_code
         self._metrics.observe(op, "ok" if code is None else code.name, self._loop.time() - started)
+        self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
+        """Queue ``frame``; what is queued in one loop iteration goes out in one write."""
         self._out.append(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
