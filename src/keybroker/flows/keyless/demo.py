@@ -24,13 +24,10 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
-import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +46,7 @@ from keybroker.broker.home import open_home
 from keybroker.broker.service import Broker
 from keybroker.client.operator import OperatorClient
 from keybroker.client.principal import PrincipalClient
+from keybroker.flows._demo import DemoProcesses
 from keybroker.flows.keyless.brokered import client_tls_files
 from keybroker.flows.keyless.service_keys import ServiceKeys
 
@@ -61,14 +59,9 @@ EDGE: Final = "node/edge1"
 PASSPHRASE: Final = "demo keyless keyring passphrase"  # noqa: S105 - a throwaway demo keyring
 PASSPHRASE_ENV: Final = "KEYBROKER_KEYRING_PASSPHRASE"  # noqa: S105 - a variable name
 BODY: Final = "hello from the shop's origin, through a keyless edge"
-#: Seconds to wait for a process to listen, and for one to stop.
-START_TIMEOUT: Final = 60.0
-STOP_TIMEOUT: Final = 10.0
 #: Seconds a client may take before the stage calls it a hang.
 CLIENT_TIMEOUT: Final = 15.0
-_KB: Final = [sys.executable, "-m", "keybroker.cli.main"]
 _TOKEN_FILE: Final = "admin.token"  # noqa: S105 - a file name (as `keybroker init` writes it)
-_LISTENING: Final = re.compile(r"^listening on 127\.0\.0\.1:(\d+)", re.MULTILINE)
 
 
 class DemoContext(Protocol):
@@ -148,72 +141,15 @@ class _Run:
         self.progress = progress
         self.task = progress.add_task("keyless", total=None)
         self.env = {**os.environ, PASSPHRASE_ENV: PASSPHRASE}
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs = DemoProcesses(self.dir, self.env)
         self.origin: http.server.ThreadingHTTPServer | None = None
 
     def step(self, what: str) -> None:
         self.progress.update(self.task, description=what)
 
-    # -- processes ------------------------------------------------------------------------------
-
-    def start(self, name: str, *args: str) -> None:
-        with open(self.dir / f"{name}.log", "ab") as log:
-            self.running[name] = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
-                [*_KB, *args],
-                cwd=self.dir,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-
-    def failure(self, name: str, what: str) -> RuntimeError:
-        path = self.dir / f"{name}.log"
-        try:
-            lines = path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            lines = []
-        last = f" (last: {lines[-1].strip()[:160]!r})" if lines else ""
-        return RuntimeError(f"{what}; see {path}{last} — kept with `keybroker demo --keep`")
-
-    def listening(self, name: str) -> int:
-        """The port process ``name`` says it listens on (its one ``listening on`` line)."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            found = _LISTENING.search((self.dir / f"{name}.log").read_text(errors="replace"))
-            if found:
-                return int(found.group(1))
-            if self.running[name].poll() is not None:
-                raise self.failure(name, f"{name} exited before it listened")
-            time.sleep(0.05)
-        raise self.failure(name, f"{name} did not listen within {START_TIMEOUT:.0f} s")
-
-    def stop(self, name: str) -> None:
-        """SIGTERM; it must exit cleanly (status 0) within the timeout."""
-        proc = self.running.pop(name)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            status = proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise self.failure(name, f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s") from None
-        if status != 0:
-            raise self.failure(name, f"{name} stopped with status {status}")
-
     def close(self) -> None:
-        """End everything still running: SIGTERM, then SIGKILL what outlives the timeout."""
-        for proc in self.running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc in self.running.values():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.running.clear()
+        """End everything still running, and the origin."""
+        self.procs.close()
         if self.origin is not None:
             self.origin.shutdown()
             self.origin.server_close()
@@ -338,19 +274,19 @@ async def _run(run: _Run) -> str:
 
     run.step("starting the key server (broker keys), the edge (1 worker) and the origin")
     ks_port = _free_port()
-    run.start(
+    run.procs.start(
         "keyserver", "keyserver", "--keyring", str(run.keyring(KEYSERVER)),
         "--listen", f"127.0.0.1:{ks_port}", "--refresh", "1", "--workers", "1",
     )  # fmt: skip
     origin_port = run.start_origin()
     # The edge connects to the key server on its first handshake: both start at once.
     config = run.edge_config(service, ks_port, origin_port)
-    run.start("edge", "edge", "--config", str(config), "--workers", "1")
-    if run.listening("keyserver") != ks_port:
-        raise run.failure("keyserver", "the key server listens on another port")
+    run.procs.start("edge", "edge", "--config", str(config), "--workers", "1")
+    if run.procs.listening("keyserver") != ks_port:
+        raise run.procs.failure("keyserver", "the key server listens on another port")
     if not run.acked():
         raise RuntimeError(f"{KEYSERVER} is listening but has not acknowledged the key")
-    edge_port = run.listening("edge")
+    edge_port = run.procs.listening("edge")
 
     curl = shutil.which("curl")
     client = "curl" if curl else "Python ssl (curl not found)"
@@ -375,13 +311,13 @@ async def _run(run: _Run) -> str:
         raise RuntimeError("the service's private key is in the edge's files")
 
     run.step("stopping the key server; a new handshake must fail")
-    run.stop("keyserver")
+    run.procs.stop("keyserver")
     refused = fetch()
     if refused.ok:
         raise RuntimeError("a handshake succeeded with the key server stopped")
     if not refused.alert or refused.seconds >= CLIENT_TIMEOUT:
         raise RuntimeError(f"not a prompt TLS alert: {refused.detail[:200]}")
-    run.stop("edge")
+    run.procs.stop("edge")
     alert = refused.detail.rsplit(":", 1)[-1].strip() or "alert"
     return (
         f"P-256 key of {SERVICE} (SKI {ski[:8]}…) uploaded, granted to {EDGE}, delivered to "

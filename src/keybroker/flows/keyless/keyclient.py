@@ -495,7 +495,7 @@ class KeyClient:
                     tls.do_handshake()
                     break
                 except ssl.SSLWantReadError:
-                    pass
+                    pass  # the handshake needs the key server's next bytes: send ours, read
                 if data := outgoing.read():
                     sock.sendall(data)
                 remaining = deadline - time.monotonic()

@@ -412,9 +412,7 @@ def _fast_request(request_id: int, data: bytes, start: int, end: int) -> Request
         if seen & bit:
             return None
         seen |= bit
-        if tag == _T_PADDING:
-            pass
-        elif tag == _T_PAYLOAD:
+        if tag == _T_PAYLOAD:
             payload = data[offset:item_end]
         elif tag == _T_SKI:
             if length != SKI_LENGTH:
@@ -430,7 +428,7 @@ def _fast_request(request_id: int, data: bytes, start: int, end: int) -> Request
             sni = data[offset:item_end]
             if length > MAX_SNI_LENGTH or _HOSTNAME_BYTES.fullmatch(sni) is None:
                 return None
-        else:
+        elif tag != _T_PADDING:  # padding is skipped; anything else takes the full decoder
             return None
         offset = item_end
     if op is None:

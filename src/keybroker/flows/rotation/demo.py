@@ -23,9 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -38,6 +35,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from keybroker.api.rotation_schemas import KEPT_OLD_STATES, RolloutOut, RolloutPolicyIn
 from keybroker.client.operator import OperatorClient
 from keybroker.client.principal import PrincipalClient
+from keybroker.flows._demo import DemoProcesses
 from keybroker.flows.rotation.agent_cli import PASSPHRASE_ENV
 from keybroker.flows.rotation.topology import Link, Topology
 from keybroker.flows.rotation.traffic import zero_loss
@@ -79,9 +77,7 @@ RATE: Final = 20  # messages per second on each link
 FIRST_MESSAGES: Final = 10  # each receiver counts this many under v1 before the rollout
 ROLLOUT_TIMEOUT: Final = 60.0
 WAIT_TIMEOUT: Final = 30.0
-STOP_TIMEOUT: Final = 10.0
 _FINISHED: Final = ("RETIRED_OLD", *KEPT_OLD_STATES)
-_KB: Final = [sys.executable, "-m", "keybroker.cli.main"]
 _TOKEN_FILE: Final = "admin.token"  # noqa: S105 - a file name (as `keybroker init` writes it)
 
 
@@ -91,80 +87,6 @@ class DemoContext(Protocol):
     workdir: Path  # the demo's throwaway directory; the broker home is ``workdir/home``
     url: str  # the running ``keybroker serve``
     console: Console | None
-
-
-class _Processes:
-    """The stage's child processes, output in ``<dir>/<name>.log``; :meth:`close` ends them all."""
-
-    def __init__(self, directory: Path, env: dict[str, str]) -> None:
-        self.directory = directory
-        self.env = env
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, *args: str) -> None:
-        with open(self.directory / f"{name}.log", "ab") as log:
-            self.running[name] = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
-                [*_KB, *args],
-                cwd=self.directory,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-
-    def failure(self, name: str, what: str) -> RuntimeError:
-        """An error naming ``what`` went wrong, ``name``'s last log line and where the logs are."""
-        path = self.directory / f"{name}.log"
-        try:
-            lines = path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            lines = []
-        last = f" (last: {lines[-1].strip()[:160]!r})" if lines else ""
-        return RuntimeError(f"{what}; see {path}{last} — kept with `keybroker demo --keep`")
-
-    def check(self, waiting_for: str) -> None:
-        """Raise if a process that should be running has exited."""
-        for name, proc in self.running.items():
-            if proc.poll() is not None:
-                raise self.failure(
-                    name, f"{name} exited with status {proc.returncode} waiting for {waiting_for}"
-                )
-
-    def stop(self, *names: str) -> None:
-        """SIGTERM them all at once; each must exit cleanly (status 0) within the timeout."""
-        procs = {name: self.running.pop(name) for name in names}
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        problems: list[RuntimeError] = []
-        for name, proc in procs.items():
-            try:
-                status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                problems.append(
-                    self.failure(name, f"{name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s")
-                )
-                continue
-            if status != 0:
-                problems.append(self.failure(name, f"{name} stopped with status {status}"))
-        if problems:
-            raise problems[0]
-
-    def close(self) -> None:
-        """End everything still running: SIGTERM, then SIGKILL whatever outlives a timeout."""
-        for proc in self.running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc in self.running.values():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.running.clear()
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -196,7 +118,7 @@ class _Run:
         self.url = s.url
         self.dir = s.workdir / "rotation"
         self.dir.mkdir(exist_ok=True)
-        self.procs = _Processes(self.dir, {**os.environ, PASSPHRASE_ENV: PASSPHRASE})
+        self.procs = DemoProcesses(self.dir, {**os.environ, PASSPHRASE_ENV: PASSPHRASE})
         self.progress = progress
         self.task = task
         (self.dir / "demo.toml").write_text(TOPOLOGY_TOML, encoding="utf-8")
