@@ -31,12 +31,14 @@ from keybroker.api.routes import (
     keysets,
     log,
     principals,
+    pushauth,
     rotation,
     system,
 )
 from keybroker.api.settings import ApiSettings
 from keybroker.api.signatures import NonceCache
 from keybroker.broker import Broker
+from keybroker.flows.pushauth.server import PushAuthServer
 
 DESCRIPTION = """\
 The keybroker trusted party over HTTPS.
@@ -69,6 +71,10 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
             from keybroker.api.wakeups import BusWakeups
 
             ctx.wakeups = await BusWakeups.start(settings.bus_url, settings.wake_topic, ctx.waker)
+        if settings.bus_url is not None:
+            from keybroker.bus import open_bus
+
+            ctx.push_bus = await open_bus(settings.bus_url)
         if settings.rotation_interval > 0:
             app.state.rotation_loop = RotationLoop(ctx, settings.rotation_interval).start()
         try:
@@ -80,6 +86,9 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
             if ctx.wakeups is not None:
                 await ctx.wakeups.close()
                 ctx.wakeups = None
+            if ctx.push_bus is not None:
+                await ctx.push_bus.close()
+                ctx.push_bus = None
 
     app = FastAPI(
         lifespan=lifespan,
@@ -102,6 +111,7 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
         broker=broker,
         settings=settings,
         nonces=NonceCache(broker.store, settings.signature_max_skew),
+        pushauth=PushAuthServer(broker, settings.push_policy),
     )
     app.state.metrics = registry
     app.state.rotation_loop = None
@@ -117,6 +127,7 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
         log,
         rotation,
         keyless,
+        pushauth,
     )
     for module in routers:
         app.include_router(module.router)

@@ -37,6 +37,8 @@ from keybroker.store.engine import Store
 
 if TYPE_CHECKING:
     from keybroker.api.wakeups import BusWakeups
+    from keybroker.bus import Bus
+    from keybroker.flows.pushauth.server import PushAuthServer
 
 _BEARER = "bearer "
 
@@ -68,6 +70,9 @@ class ApiContext:
     waker: Waker = field(default_factory=Waker)
     #: Set while a bus is configured and connected (``api/wakeups.py``).
     wakeups: BusWakeups | None = None
+    #: Push login (S7): the server, and the bus its notices go out on (if any).
+    pushauth: PushAuthServer | None = None
+    push_bus: Bus | None = None
 
     @property
     def store(self) -> Store:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from keybroker.flows.pushauth.protocol import PushPolicy
 
 #: Request bodies above this are refused (413) before the application reads them.
 DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024
@@ -41,6 +44,8 @@ class ApiSettings:
       this process runs in the background (``api/rotation_loop.py``); every
       replica may run it. ``0`` disables it: then some other process must step
       rollouts, or none moves.
+    * ``push_policy`` — how push logins run (expiry, number length, rate limit…;
+      :class:`~keybroker.flows.pushauth.protocol.PushPolicy`); ``None``: its defaults.
     * ``clock`` — the time used for signature freshness, certificate validity
       and the nonce cache; the broker's clock in tests.
     """
@@ -57,3 +62,4 @@ class ApiSettings:
     wake_topic: str = "kb.wake"
     max_topology_bytes: int = DEFAULT_MAX_TOPOLOGY_BYTES
     rotation_interval: float = 1.0
+    push_policy: PushPolicy | None = None

@@ -330,3 +330,57 @@ rotation_links = Table(
     Index(None, "state", "next_at"),
     Index(None, "keyset", "state"),
 )
+
+# -- push login (S7): keybroker.flows.pushauth -------------------------------------------
+
+PUSH_LOGIN_STATES = ("PENDING", "APPROVED", "DENIED", "FRAUD", "EXPIRED")
+
+# Which phone (a ``device/…`` principal) answers for which user. One phone per user.
+pushauth_phones = Table(
+    "pushauth_phones",
+    metadata,
+    Column("device", String(81), primary_key=True),
+    Column("user", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("user"),
+)
+
+# Users an operator must unlock (after a fraud report).
+pushauth_users = Table(
+    "pushauth_users",
+    metadata,
+    Column("user", String(64), primary_key=True),
+    Column("locked", Boolean, nullable=False),
+    Column("reason", String(256), nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# One login. The number shown on the terminal is kept only as a MAC under a server key
+# (``number_mac``); the session token only sealed to the terminal (``sealed_token``).
+pushauth_logins = Table(
+    "pushauth_logins",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("challenge_id", LargeBinary, nullable=False),
+    Column("user", String(64), nullable=False),
+    Column("device", String(81), nullable=False),
+    Column("terminal", String(81), nullable=False),
+    Column("terminal_address", String(64), nullable=False),
+    Column("application", String(128), nullable=False),
+    Column("number_mac", LargeBinary, nullable=False),
+    Column("nonce", LargeBinary, nullable=False),
+    Column("request_digest", LargeBinary, nullable=False),
+    Column("notice", LargeBinary, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("decided_at", UTCDateTime, nullable=True),
+    Column("reason", String(256), nullable=True),
+    Column("token_id", String(36), nullable=True),
+    Column("sealed_token", LargeBinary, nullable=True),
+    CheckConstraint(_in("state", PUSH_LOGIN_STATES), name="state"),
+    UniqueConstraint("challenge_id"),
+    Index(None, "user", "created_at"),
+    Index(None, "device", "state"),
+    Index(None, "state", "expires_at"),
+)
