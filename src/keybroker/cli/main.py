@@ -16,6 +16,7 @@ from keybroker.errors import KeybrokerError
 from keybroker.flows.keyless.cli import keyless_app
 from keybroker.flows.keyless.edge_cli import edge_command
 from keybroker.flows.keyless.keyserver_cli import keyserver_command
+from keybroker.flows.pushauth.cli import login_command, phone_app, pushauth_app
 from keybroker.flows.rotation.agent_cli import agent_command
 from keybroker.flows.rotation.cli import rotation_app
 from keybroker.store.engine import default_home
@@ -100,9 +101,24 @@ def serve(
             help="seconds between steps of the rollout driver in this process (0: off)",
         ),
     ] = 1.0,
+    push_expiry: Annotated[
+        float, typer.Option(min=1.0, max=60.0, help="seconds a push-login challenge stays open")
+    ] = 60.0,
+    push_rate_limit: Annotated[
+        int, typer.Option(min=1, help="push logins allowed per user per --push-rate-window")
+    ] = 10,
+    push_rate_window: Annotated[
+        float, typer.Option(min=1.0, help="seconds of the per-user push-login rate limit")
+    ] = 60.0,
+    push_digits: Annotated[
+        int, typer.Option(min=2, max=6, help="digits of the number shown on the terminal")
+    ] = 3,
 ) -> None:
     """Serve the HTTPS API (server certificate issued by the broker CA at start)."""
+    from datetime import timedelta
+
     from keybroker.cli.serve import serve as run_server
+    from keybroker.flows.pushauth.protocol import PushPolicy
 
     run_server(
         home or default_home(),
@@ -114,6 +130,12 @@ def serve(
         wake_topic=wake_topic,
         poll_interval=poll_interval,
         rotation_interval=rotation_interval,
+        push_policy=PushPolicy(
+            expiry=timedelta(seconds=push_expiry),
+            number_digits=push_digits,
+            rate_limit=push_rate_limit,
+            rate_window=timedelta(seconds=push_rate_window),
+        ),
     )
 
 
@@ -212,6 +234,9 @@ app.command("edge")(edge_command)
 app.command("keyserver")(keyserver_command)
 app.add_typer(rotation_app, name="rotation")
 app.add_typer(keyless_app, name="keyless")
+app.add_typer(pushauth_app, name="pushauth")
+app.add_typer(phone_app, name="phone")
+app.command("login")(login_command)
 
 
 def main() -> None:

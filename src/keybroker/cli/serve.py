@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -38,6 +39,10 @@ class TlsFiles:
 
     def __repr__(self) -> str:
         return f"TlsFiles({self.certfile}, {self.keyfile})"
+
+
+if TYPE_CHECKING:
+    from keybroker.flows.pushauth.protocol import PushPolicy
 
 
 def _san(name: str) -> x509.GeneralName:
@@ -91,6 +96,7 @@ def serve(
     wake_topic: str = "kb.wake",
     poll_interval: float = 1.0,
     rotation_interval: float = 1.0,
+    push_policy: PushPolicy | None = None,
 ) -> None:
     """Run the API over HTTPS until interrupted (SIGINT/SIGTERM stop it gracefully).
 
@@ -112,6 +118,7 @@ def serve(
             wake_topic=wake_topic,
             poll_interval_seconds=poll_interval,
             rotation_interval=rotation_interval,
+            push_policy=push_policy,
         )
         app = create_app(broker, settings)
         with server_tls_files(opened.ca, [host, *names], opened.clock()) as tls:

@@ -36,7 +36,7 @@ from keybroker.broker import Broker
 from keybroker.broker._context import record
 from keybroker.broker.events import to_ms
 from keybroker.broker.messages import HpkeKeyBinding
-from keybroker.bus.topics import principal_topic
+from keybroker.bus.topics import DEFAULT_PREFIX, principal_topic
 from keybroker.errors import (
     AuthorizationError,
     Conflict,
@@ -83,8 +83,8 @@ ENROL_SCHEME: Final = "keybroker-push"
 MAX_USER: Final = 64
 MAX_APPLICATION: Final = 128
 MAX_ADDRESS: Final = 64
-#: The topic prefix of phones' notification topics.
-TOPIC_PREFIX: Final = "kbpush"
+#: Phones' topics share the bus prefix (the NATS stream covers ``kb.>``); the salt keeps them apart.
+TOPIC_PREFIX: Final = DEFAULT_PREFIX
 
 
 class RateLimited(AuthorizationError):
