@@ -35,6 +35,8 @@ def test_demo_runs_every_stage() -> None:
         "delivery and ack",
         "log over the API",
         "staged rotation",
+        "keyless TLS",
+        "push login",
     ):
         assert stage in result.stdout
     # The result column; "FAILED_KEEP_OLD" in what the rotation stage proved is fine.

@@ -29,16 +29,35 @@ class DemoProcesses:
         self.env = env
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str, stdin: bool = False) -> subprocess.Popen[bytes]:
+        """Start ``keybroker ARGS``; with ``stdin``, its standard input is a pipe we write."""
         with open(self.directory / f"{name}.log", "ab") as log:
-            self.running[name] = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
+            proc = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
                 [*KB, *args],
                 cwd=self.directory,
                 env=self.env,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
             )
+        self.running[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.directory / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_for(self, name: str, pattern: str, what: str) -> re.Match[str]:
+        """Wait until ``name``'s log matches ``pattern`` (a multi-line regex)."""
+        compiled = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            found = compiled.search(self.log(name))
+            if found:
+                return found
+            self.check(what)
+            time.sleep(0.05)
+        raise self.failure(name, f"no {what} within {START_TIMEOUT:.0f} s")
 
     def failure(self, name: str, what: str) -> RuntimeError:
         """An error naming ``what`` went wrong, ``name``'s last log line and where the logs are."""
