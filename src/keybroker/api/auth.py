@@ -19,7 +19,10 @@ Order of checks for a principal, each failure changing nothing:
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -32,7 +35,7 @@ from keybroker.api.problems import Unauthenticated
 from keybroker.api.settings import ApiSettings
 from keybroker.broker import Broker
 from keybroker.errors import AuthorizationError, DecodeError, NotFound
-from keybroker.pki import PrincipalId, verify_principal_certificate
+from keybroker.pki import PrincipalId, load_certificate, verify_principal_certificate
 from keybroker.store.engine import Store
 
 if TYPE_CHECKING:
@@ -62,6 +65,51 @@ class Waker:
         event.set()
 
 
+IdentityKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+
+class VerifiedKeys:
+    """Identity keys of certificates that passed path validation, by certificate fingerprint.
+
+    Validating a certificate against the broker CA and checking its identity is a
+    pure function of the certificate, the CA, the principal id and the time, so the
+    result is kept per fingerprint (a certificate's SHA-256) and only the validity
+    window is checked again on each use. Status and revocation are *not* cached:
+    every request reads the principal's status and current certificate from the
+    database, so revoking takes effect on the next request, on every replica.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._keys: OrderedDict[bytes, tuple[PrincipalId, IdentityKey, datetime, datetime]] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    def get(self, fingerprint: bytes, pid: PrincipalId, now: datetime) -> IdentityKey | None:
+        with self._lock:
+            found = self._keys.get(fingerprint)
+            if found is None:
+                return None
+            self._keys.move_to_end(fingerprint)
+        owner, key, not_before, not_after = found
+        if owner != pid or not not_before <= now <= not_after:
+            return None  # validated again (and refused with the precise reason)
+        return key
+
+    def put(
+        self,
+        fingerprint: bytes,
+        pid: PrincipalId,
+        key: IdentityKey,
+        window: tuple[datetime, datetime],
+    ) -> None:
+        with self._lock:
+            self._keys[fingerprint] = (pid, key, *window)
+            while len(self._keys) > self._capacity:
+                self._keys.popitem(last=False)
+
+
 @dataclass
 class ApiContext:
     broker: Broker
@@ -70,6 +118,8 @@ class ApiContext:
     waker: Waker = field(default_factory=Waker)
     #: Set while a bus is configured and connected (``api/wakeups.py``).
     wakeups: BusWakeups | None = None
+    #: Identity keys of certificates already validated (see :class:`VerifiedKeys`).
+    verified_keys: VerifiedKeys = field(default_factory=VerifiedKeys)
     #: Push login (S7): the server, and the bus its notices go out on (if any).
     pushauth: PushAuthServer | None = None
     push_bus: Bus | None = None
@@ -129,29 +179,34 @@ def target_uri(request: Request, settings: ApiSettings) -> str:
     return f"{origin}{path}?{query}" if query else f"{origin}{path}"
 
 
-def _identity_key(
-    ctx: ApiContext, pid: PrincipalId
-) -> ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey:
+def _identity_key(ctx: ApiContext, pid: PrincipalId) -> IdentityKey:
     broker = ctx.broker
     try:
-        info = broker.show_principal(pid)
+        creds = broker.principal_credentials(pid)
     except NotFound:
         raise Unauthenticated("request signature missing or invalid") from None
-    if info.status != "active":
-        raise AuthorizationError(f"{pid} is {info.status}")
-    try:
-        cert = broker.principal_certificate(pid)
-    except NotFound:
-        raise AuthorizationError(f"{pid} has no current identity certificate") from None
+    if creds.status != "active":
+        raise AuthorizationError(f"{pid} is {creds.status}")
+    if creds.certificate_der is None or creds.certificate_sha256 is None:
+        raise AuthorizationError(f"{pid} has no current identity certificate")
+    now = ctx.settings.clock()
+    key = ctx.verified_keys.get(creds.certificate_sha256, pid, now)
+    if key is not None:
+        return key
+    cert = load_certificate(creds.certificate_der)
     # Path validation to the broker CA and the identity check: a row edited in the
     # database does not make a certificate we did not issue acceptable.
-    verify_principal_certificate(
-        cert, [], [broker.ca_certificate], pid, ctx.settings.clock(), crls=None
-    )
-    key = cert.public_key()
-    if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+    verify_principal_certificate(cert, [], [broker.ca_certificate], pid, now, crls=None)
+    public = cert.public_key()
+    if not isinstance(public, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
         raise AuthorizationError("identity certificate has an unsupported key type")
-    return key
+    ca = broker.ca_certificate
+    window = (
+        max(cert.not_valid_before_utc, ca.not_valid_before_utc),
+        min(cert.not_valid_after_utc, ca.not_valid_after_utc),
+    )
+    ctx.verified_keys.put(creds.certificate_sha256, pid, public, window)
+    return public
 
 
 async def _authenticate(request: Request, ctx: ApiContext) -> PrincipalId:

@@ -88,6 +88,46 @@ def _info(conn: Connection, row: Any) -> PrincipalInfo:
     )
 
 
+@dataclass(frozen=True)
+class PrincipalCredentials:
+    """What authenticating a principal, or sealing to it, needs: status, the current
+    certificate's DER and fingerprint, and the HPKE key (all public)."""
+
+    principal: PrincipalId
+    status: str
+    certificate_der: bytes | None
+    certificate_sha256: bytes | None
+    hpke_template: str | None
+    hpke_key_id: int | None
+    hpke_public_key: bytes | None
+
+
+_CURRENT_CERTIFICATE: Final = (
+    sa.select(certificates.c.fingerprint, certificates.c.der)
+    .where(certificates.c.principal_id == sa.bindparam("c_id"), certificates.c.revoked_at.is_(None))
+    .order_by(certificates.c.not_before.desc(), certificates.c.fingerprint)
+    .limit(1)
+)
+
+
+def principal_credentials(ctx: BrokerContext, principal: PrincipalId | str) -> PrincipalCredentials:
+    """:class:`PrincipalCredentials` in one read (two prebuilt statements): every signed
+    API request needs them. :class:`NotFound` if there is no such principal."""
+    pid = principal_id(principal)
+    with ctx.store.reader() as conn:
+        row = require_row(conn, pid)
+        cert = conn.execute(_CURRENT_CERTIFICATE, {"c_id": row.id}).one_or_none()
+    return PrincipalCredentials(
+        principal=pid,
+        status=row.status,
+        certificate_der=None if cert is None else bytes(cert.der),
+        certificate_sha256=None if cert is None else bytes(cert.fingerprint),
+        hpke_template=row.hpke_template,
+        hpke_key_id=row.hpke_key_id,
+        hpke_public_key=None if row.hpke_public_key is None else bytes(row.hpke_public_key),
+    )
+
+
 def list_principals(ctx: BrokerContext, *, status: str | None = None) -> list[PrincipalInfo]:
     query = sa.select(principals).order_by(principals.c.kind, principals.c.name)
     if status is not None:

@@ -27,7 +27,7 @@ from keybroker.broker.holdings import Holding, holdings
 from keybroker.broker.home import CA_KEYSET, Home
 from keybroker.broker.keysets import KeysetSummary
 from keybroker.broker.messages import DeliveryEnvelope
-from keybroker.broker.principals import PrincipalInfo
+from keybroker.broker.principals import PrincipalCredentials, PrincipalInfo
 from keybroker.errors import ConfigurationError
 from keybroker.keys import SECRET_ACCESS, X25519_HPKE, KeyTemplate, KeyVersionInfo
 from keybroker.log.sth import SignedTreeHead
@@ -156,6 +156,10 @@ class Broker:
 
     def principal_certificate(self, principal: PrincipalId | str) -> x509.Certificate:
         return principals.principal_certificate(self._ctx, principal)
+
+    def principal_credentials(self, principal: PrincipalId | str) -> PrincipalCredentials:
+        """Status, current certificate (DER) and HPKE key of a principal, in one read."""
+        return principals.principal_credentials(self._ctx, principal)
 
     def revoke_principal(
         self, principal: PrincipalId | str, *, reason: str = "unspecified"

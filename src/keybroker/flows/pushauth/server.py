@@ -70,7 +70,7 @@ from keybroker.flows.pushauth.protocol import (
 )
 from keybroker.keys import ED25519, HMAC_SHA256, X25519_HPKE, Keyset, PublicKeyset
 from keybroker.keys.handles import HpkeHandle, MacHandle, SignerHandle
-from keybroker.pki import PrincipalId, fingerprint
+from keybroker.pki import PrincipalId, fingerprint, load_certificate
 from keybroker.store.schema import pushauth_logins, pushauth_phones, pushauth_users
 
 SIGN_KEYSET: Final = "keybroker/pushauth/sign"
@@ -171,7 +171,7 @@ class UserInfo:
 
 def _sealing_key(broker: Broker, principal: str) -> PublicKeyset:
     """The HPKE key ``principal`` registered at enrolment (it must be active)."""
-    info = broker.show_principal(principal)
+    info = broker.principal_credentials(principal)
     if (
         info.status != "active"
         or info.hpke_public_key is None
@@ -650,7 +650,10 @@ class PushAuthServer:
         if str(device) != seen.device:
             raise AuthorizationError("this challenge was not sent to the calling phone")
         # Principal lookups use their own connections: do them before taking ours.
-        device_key = self._broker.principal_certificate(str(seen.device)).public_key()
+        creds = self._broker.principal_credentials(str(seen.device))
+        if creds.status != "active" or creds.certificate_der is None:
+            raise AuthorizationError(f"{seen.device} is {creds.status} or has no certificate")
+        device_key = load_certificate(creds.certificate_der).public_key()
         try:
             terminal_hpke: PublicKeyset | None = _sealing_key(self._broker, str(seen.terminal))
         except NotFound:
