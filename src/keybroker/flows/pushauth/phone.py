@@ -4,7 +4,9 @@ A :class:`Phone` is an enrolled ``device/…`` principal. It listens on its
 opaque topic of the notification service (MQTT or NATS) when given a bus URL,
 and always asks the broker once for open challenges when it starts (a notice
 published before it subscribed is not lost); without a bus it long-polls the
-broker. Every notice is opened and checked by
+broker. While the bus is quiet it asks the broker again every ``wait`` seconds, so a
+notice the bus lost is still shown while its challenge is open. Every notice is
+opened and checked by
 :func:`keybroker.flows.pushauth.protocol.open_notice` (sealed to us, signed by
 our server, not expired); a notice that fails any check is dropped and
 counted, never shown. Each challenge is shown once (ids are remembered) and
@@ -296,12 +298,22 @@ class Phone:
             try:
                 while not stop.is_set():
                     receive = asyncio.ensure_future(sub.__anext__())
-                    await asyncio.wait({receive, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {receive, stopped},
+                        timeout=self.wait,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
                     if not receive.done():
                         receive.cancel()
                         with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                             await receive
-                        break
+                        if stop.is_set():
+                            break
+                        # Quiet for a while: a notice the bus lost is still open at the broker.
+                        with contextlib.suppress(TransportError):
+                            for notice in await self.pending(0):
+                                self._spawn(notice, handler)
+                        continue
                     try:
                         message = receive.result()
                     except StopAsyncIteration:
