@@ -15,9 +15,16 @@ problem type (``type_uri``) so clients can do the same across the wire::
     ├── AuthorizationError       not enrolled, not granted, revoked, expired, replayed
     │   └── CertificateError     a certificate that must not be trusted
     │       ├── CertificateInvalid   bad signature, unknown issuer, malformed, wrong usage
+    │       │   ├── UntrustedIssuer        no valid path to a trusted root
+    │       │   ├── SelfSignedCertificate  a leaf that vouches for itself
+    │       │   ├── WrongKeyUsage          keyUsage / basicConstraints wrong for the purpose
+    │       │   ├── ChainTooLong           more intermediates than the configured maximum
+    │       │   └── RevocationUnknown      no current, valid CRL (revocation fails closed)
     │       ├── CertificateExpired   outside its validity window (either side)
+    │       │   └── CertificateNotYetValid  before its notBefore
     │       ├── CertificateRevoked   listed on a valid CRL of its issuer
     │       └── IdentityMismatch     a valid certificate for someone other than expected
+    │           └── PublicKeyMismatch  its key is not the one an out-of-band code names
     ├── ConfigurationError
     │   └── RootKeyError         root key missing, unreadable or exposed (e.g. mode 0644)
     ├── StoreError               the database refused or lost a write
@@ -125,10 +132,46 @@ class CertificateInvalid(CertificateError):
     problem = "certificate/invalid"
 
 
+class UntrustedIssuer(CertificateInvalid):
+    """No valid path from the certificate to a trusted root (wrong issuer, forged signature)."""
+
+    problem = "certificate/untrusted-issuer"
+
+
+class SelfSignedCertificate(CertificateInvalid):
+    """An end-entity certificate that names itself as its issuer."""
+
+    problem = "certificate/self-signed"
+
+
+class WrongKeyUsage(CertificateInvalid):
+    """keyUsage, extendedKeyUsage or basicConstraints do not allow the use at hand."""
+
+    problem = "certificate/key-usage"
+
+
+class ChainTooLong(CertificateInvalid):
+    """More intermediate certificates than the configured maximum."""
+
+    problem = "certificate/chain-too-long"
+
+
+class RevocationUnknown(CertificateInvalid):
+    """Revocation was asked for and no current, valid CRL answers it: fail closed."""
+
+    problem = "certificate/revocation-unknown"
+
+
 class CertificateExpired(CertificateError):
     """The certificate (or one in its chain) is outside its validity window."""
 
     problem = "certificate/expired"
+
+
+class CertificateNotYetValid(CertificateExpired):
+    """The certificate (or one in its chain) is not valid yet (before its notBefore)."""
+
+    problem = "certificate/not-yet-valid"
 
 
 class CertificateRevoked(CertificateError):
@@ -141,6 +184,12 @@ class IdentityMismatch(CertificateError):
     """A valid certificate, but not for the principal we expected."""
 
     problem = "certificate/identity-mismatch"
+
+
+class PublicKeyMismatch(IdentityMismatch):
+    """The certificate's public key is not the one an out-of-band record names."""
+
+    problem = "certificate/public-key-mismatch"
 
 
 class ConfigurationError(KeybrokerError):

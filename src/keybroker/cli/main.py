@@ -16,6 +16,7 @@ from keybroker.errors import KeybrokerError
 from keybroker.flows.keyless.cli import keyless_app
 from keybroker.flows.keyless.edge_cli import edge_command
 from keybroker.flows.keyless.keyserver_cli import keyserver_command
+from keybroker.flows.pairing.cli import pair_app
 from keybroker.flows.pushauth.cli import login_command, phone_app, pushauth_app
 from keybroker.flows.rotation.agent_cli import agent_command
 from keybroker.flows.rotation.cli import rotation_app
@@ -235,6 +236,7 @@ app.command("keyserver")(keyserver_command)
 app.add_typer(rotation_app, name="rotation")
 app.add_typer(keyless_app, name="keyless")
 app.add_typer(pushauth_app, name="pushauth")
+app.add_typer(pair_app, name="pair")
 app.add_typer(phone_app, name="phone")
 app.command("login")(login_command)
 

@@ -16,11 +16,18 @@ Every output carries a 5-byte key-id prefix, so the right version is found
 by lookup. Key material leaves only encrypted under a
 :class:`KeyEncryptionKey` (:meth:`Keyset.encrypt_to_bytes`,
 :meth:`Keyset.wrapped_versions`), HPKE-sealed to one principal
-(:meth:`Keyset.seal_version`) or through
+(:meth:`Keyset.seal_version`), sealed to a certified device key
+(:meth:`Keyset.seal_version_to_certificate_key`) or through
 :meth:`Keyset.export_secret_material`, which needs :data:`SECRET_ACCESS`.
 """
 
 from keybroker.keys.access import SECRET_ACCESS, SecretAccessToken
+from keybroker.keys.certificate_key import (
+    CertificateKey,
+    TransportScheme,
+    transport_scheme,
+    verify_certificate_signature,
+)
 from keybroker.keys.handles import AeadHandle, HpkeHandle, KeysetHandle, MacHandle, SignerHandle
 from keybroker.keys.kek import KeyEncryptionKey
 from keybroker.keys.keyset import Keyset, KeyVersionInfo, WrappedVersion, version_aad
@@ -73,6 +80,7 @@ __all__ = [
     "X25519_HPKE",
     "X25519_HPKE_CHACHA20",
     "AeadHandle",
+    "CertificateKey",
     "HpkeHandle",
     "KeyEncryptionKey",
     "KeyOp",
@@ -87,7 +95,10 @@ __all__ = [
     "Purpose",
     "SecretAccessToken",
     "SignerHandle",
+    "TransportScheme",
     "WrappedVersion",
     "get_template",
+    "transport_scheme",
+    "verify_certificate_signature",
     "version_aad",
 ]

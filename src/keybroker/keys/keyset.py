@@ -10,7 +10,9 @@ Key material leaves a keyset in only these ways:
 * encrypted under a :class:`~keybroker.keys.kek.KeyEncryptionKey`, whole
   (:meth:`Keyset.encrypt_to_bytes`) or one row per version for the store
   (:meth:`Keyset.wrapped_versions`, AAD = :func:`version_aad`);
-* HPKE-sealed to one principal (:meth:`Keyset.seal_version`);
+* HPKE-sealed to one principal (:meth:`Keyset.seal_version`), or to a key an
+  X.509 certificate names (:meth:`Keyset.seal_version_to_certificate_key`: HPKE
+  with P-256, RSA-OAEP with RSA);
 * raw, through :meth:`Keyset.export_secret_material`, which needs
   :data:`~keybroker.keys.access.SECRET_ACCESS`.
 
@@ -42,6 +44,7 @@ from keybroker.keys._common import (
     to_micros,
 )
 from keybroker.keys.access import SecretAccessToken, require_secret_access
+from keybroker.keys.certificate_key import CertificateKey, seal_to_certificate_key
 from keybroker.keys.handles import (
     HANDLE_TYPES,
     AeadHandle,
@@ -66,6 +69,7 @@ _H = TypeVar("_H", bound=KeysetHandle)
 _VERSION_AAD_LABEL: Final = message_label("keybroker/keys/version-aad", 1)
 _KEYSET_AAD_LABEL: Final = message_label("keybroker/keys/keyset-aad", 1)
 _POP_LABEL: Final = message_label("keybroker/keys/proof-of-possession", 1)
+_TRANSPORT_INFO_LABEL: Final = message_label("keybroker/keys/certificate-transport-info", 1)
 
 
 def version_aad(keyset_name: str, version: int) -> bytes:
@@ -218,6 +222,21 @@ class _SealedVersionRecord(Message):
     key_id: int
     template: str
     material: bytes
+
+
+@dataclass(frozen=True)
+class _TransportedVersionRecord(Message):
+    # Compact on purpose: it must fit RSA-2048 OAEP (190 bytes). Keyset name and
+    # purpose are bound through the encryption's info instead of carried.
+    LABEL: ClassVar[str] = message_label("keybroker/keys/transported-version", 1)
+    version: int
+    key_id: int
+    template: str
+    material: bytes
+
+
+def _transport_info(keyset: str, purpose: str, info: bytes) -> bytes:
+    return encode(_TRANSPORT_INFO_LABEL, {"keyset": keyset, "purpose": purpose, "info": info})
 
 
 class Keyset(NoPickle):
@@ -479,22 +498,29 @@ class Keyset(NoPickle):
         record = _SealedVersionRecord.decode(opener.open(sealed, info))
         if record.keyset != self._name or record.purpose != self._purpose.value:
             raise KeysetError(f"sealed version is not for keyset {self._name!r}")
+        return self._install_record(
+            record.version, record.key_id, record.template, record.material, now
+        )
+
+    def _install_record(
+        self, version: int, key_id: int, template: str, material: bytes, now: datetime | None
+    ) -> KeyVersionInfo:
         try:
-            tpl = get_template(record.template)
-            check_version(record.version)
-            check_key_id(record.key_id)
-            secret = tpl.kind.load_secret(record.material)
+            tpl = get_template(template)
+            check_version(version)
+            check_key_id(key_id)
+            secret = tpl.kind.load_secret(material)
         except KeysetError as exc:
             raise DecodeError(f"malformed sealed version: {exc}") from None
-        existing = self._versions.get(record.version)
+        existing = self._versions.get(version)
         if existing is not None:
-            if existing.key_id != record.key_id or existing.template != tpl:
-                raise KeysetError(f"version {record.version} of {self._name!r} already differs")
+            if existing.key_id != key_id or existing.template != tpl:
+                raise KeysetError(f"version {version} of {self._name!r} already differs")
             return existing.info()
         return self._insert(
             VersionEntry(
-                version=record.version,
-                key_id=record.key_id,
+                version=version,
+                key_id=key_id,
                 template=tpl,
                 state=KeyState.PENDING,
                 secret=secret,
@@ -502,6 +528,51 @@ class Keyset(NoPickle):
                 created_at=now,
                 state_changed_at=now,
             )
+        )
+
+    # -- transport to a certified key (a device) ---------------------------------
+
+    def seal_version_to_certificate_key(
+        self, version: int, public_key: object, *, info: bytes
+    ) -> bytes:
+        """Encrypt ``version`` to a P-256 or RSA key from a certificate, bound to ``info``.
+
+        HPKE DHKEM(P-256) or RSA-OAEP (see :mod:`keybroker.keys.certificate_key`);
+        keyset name and purpose are bound too. Verify the certificate first: this
+        seals to whatever key it is given.
+        """
+        entry = self._entry(version)
+        if entry.state not in CONSUMING_STATES or entry.secret is None:
+            raise KeysetError(f"version {version} of {self._name!r} is {entry.state.value}")
+        record = _TransportedVersionRecord(
+            version=version,
+            key_id=entry.key_id,
+            template=entry.template.name,
+            material=entry.secret.secret_bytes(),
+        )
+        return seal_to_certificate_key(
+            public_key, record.encode(), _transport_info(self._name, self._purpose.value, info)
+        )
+
+    def install_version_sealed_to_certificate_key(
+        self,
+        sealed: bytes,
+        opener: CertificateKey,
+        *,
+        info: bytes,
+        now: datetime | None = None,
+    ) -> KeyVersionInfo:
+        """Open a :meth:`seal_version_to_certificate_key` blob and add it as ``pending``.
+
+        The same rules as :meth:`install_sealed_version`: CryptoError if it does not
+        open (wrong key, info, keyset name or purpose), DecodeError if what it
+        holds is malformed, KeysetError if it clashes with a version here.
+        """
+        check_time(now)
+        plaintext = opener.open(sealed, _transport_info(self._name, self._purpose.value, info))
+        record = _TransportedVersionRecord.decode(plaintext)
+        return self._install_record(
+            record.version, record.key_id, record.template, record.material, now
         )
 
     # -- serialisation: whole keyset under a KEK ---------------------------------

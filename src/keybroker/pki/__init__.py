@@ -14,6 +14,9 @@ Errors (all from :mod:`keybroker.errors`):
   :class:`CertificateInvalid` (everything else, including a stale, future,
   forged or missing CRL: revocation fails closed);
 * the identity check → :class:`IdentityMismatch`;
+* device certificates (:mod:`keybroker.pki.device`) → one specific subclass per
+  refusal reason (ChainTooLong, SelfSignedCertificate, CertificateNotYetValid,
+  WrongKeyUsage, UntrustedIssuer, RevocationUnknown, PublicKeyMismatch …);
 * a CA key or certificate we refuse to sign with → :class:`ConfigurationError`;
 * a caller asking for something impossible (naive datetime, validity beyond the
   issuer's, path length too long) → :class:`LocalProtocolError`.
@@ -23,6 +26,14 @@ CA keys are P-256 only; see :mod:`keybroker.pki.authority` for why not Ed25519.
 
 from keybroker.pki.authority import CertificateAuthority
 from keybroker.pki.csr import csr_public_key, verify_csr
+from keybroker.pki.device import (
+    DEFAULT_MAX_DEVICE_INTERMEDIATES,
+    DEVICE_KEY_POLICY,
+    DeviceIdentity,
+    device_identity_of,
+    verify_device_chain,
+    verify_device_identity,
+)
 from keybroker.pki.formats import (
     certificate_der,
     certificate_pem,
@@ -54,8 +65,11 @@ from keybroker.pki.validation import (
 __all__ = [
     "DEFAULT_KEY_POLICY",
     "DEFAULT_MAX_CHAIN_DEPTH",
+    "DEFAULT_MAX_DEVICE_INTERMEDIATES",
+    "DEVICE_KEY_POLICY",
     "KEY_POLICY_WITH_RSA",
     "CertificateAuthority",
+    "DeviceIdentity",
     "KeyPolicy",
     "KeyType",
     "PrincipalId",
@@ -64,6 +78,7 @@ __all__ = [
     "certificate_der",
     "certificate_pem",
     "csr_public_key",
+    "device_identity_of",
     "fingerprint",
     "key_type",
     "load_certificate",
@@ -76,6 +91,8 @@ __all__ = [
     "verify_chain",
     "verify_crl",
     "verify_csr",
+    "verify_device_chain",
+    "verify_device_identity",
     "verify_identity",
     "verify_not_revoked",
     "verify_principal_certificate",

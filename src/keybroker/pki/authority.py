@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from keybroker.errors import ConfigurationError, DecodeError, LocalProtocolError
 from keybroker.pki._time import as_utc, is_within, positive
 from keybroker.pki.csr import csr_public_key
+from keybroker.pki.device import DEVICE_KEY_POLICY, DeviceIdentity, device_key_usage
 from keybroker.pki.formats import PARSE_ERRORS, fingerprint
 from keybroker.pki.keypolicy import DEFAULT_KEY_POLICY, KeyPolicy, describe_key
 from keybroker.pki.principal import URI_SCHEME, PrincipalId
@@ -305,6 +306,30 @@ class CertificateAuthority:
             extra_sans=extra_sans,
             key_policy=key_policy,
         )
+
+    def issue_device(
+        self,
+        identity: DeviceIdentity,
+        public_key: CertificatePublicKeyTypes,
+        now: datetime,
+        validity: timedelta,
+    ) -> x509.Certificate:
+        """A device certificate (:mod:`keybroker.pki.device` profile) for ``public_key``.
+
+        The manufacturer's part: ``identity`` is what the device's label says. The
+        key must be P-256 or RSA ≥ 2048 (:data:`~keybroker.pki.device.DEVICE_KEY_POLICY`).
+        """
+        DEVICE_KEY_POLICY.verify_key(public_key)
+        builder = (
+            self._builder(identity.subject(), public_key, now, validity)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(device_key_usage(public_key), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.mac_urn)]),
+                critical=False,
+            )
+        )
+        return builder.sign(self._key, hashes.SHA256())
 
     def issue_crl(
         self,

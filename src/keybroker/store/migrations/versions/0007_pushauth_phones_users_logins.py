@@ -62,9 +62,7 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_pushauth_logins_user_created_at"), "pushauth_logins", ["user", "created_at"]
     )
-    op.create_index(
-        op.f("ix_pushauth_logins_device_state"), "pushauth_logins", ["device", "state"]
-    )
+    op.create_index(op.f("ix_pushauth_logins_device_state"), "pushauth_logins", ["device", "state"])
     op.create_index(
         op.f("ix_pushauth_logins_state_expires_at"), "pushauth_logins", ["state", "expires_at"]
     )

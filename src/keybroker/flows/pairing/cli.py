@@ -1,0 +1,300 @@
+"""``keybroker pair …``: certificate-checked common-key transport between devices (S9).
+
+::
+
+    keybroker pair device --cert device.pem --key device.key [--listen 127.0.0.1:0]
+    keybroker pair controller --connect 127.0.0.1:7400 --code 'keybroker-pair:V:1;…;;' \\
+        --trust-root acme-root.pem --crl acme-root.crl --crl acme-devices.crl \\
+        --keyring ctl.keyring --keyset pairing/home [--sync] [--message hello]
+    keybroker pair code --cert device.pem
+
+The **device** listens in pairing mode, prints its pairing code and
+``listening on HOST:PORT``, proves it holds its certified key, installs the common
+key it is sent and acknowledges each message (``ack: <message>``) under it.
+
+The **controller** is a broker principal that holds the common keyset (its
+keyring, passphrase in ``$KEYBROKER_KEYRING_PASSPHRASE``; ``--sync`` first
+fetches outstanding deliveries and follows the broker's primary). It checks the
+device's chain against the manufacturer roots and CRLs, its identification info
+and key hash against the pairing code, and its proof of possession; only then is
+the common key sent, sealed to the device's key.
+
+A refusal prints ``refused: <reason>: <what it means> (<detail>)`` on stderr,
+on both sides, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Final
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from keybroker.errors import KeybrokerError
+
+if TYPE_CHECKING:
+    from keybroker.flows.pairing.protocol import Event, PairingRefused
+    from keybroker.keys import Keyset
+
+pair_app = typer.Typer(
+    help="Pairing (S9): a controller checks a device's certificate, then sends the common key.",
+    no_args_is_help=True,
+)
+
+out = Console(highlight=False, emoji=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
+
+EXIT_REFUSED: Final = 2
+PASSPHRASE_ENV: Final = "KEYBROKER_KEYRING_PASSPHRASE"  # noqa: S105 - a variable name
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(EXIT_REFUSED)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _fail(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise typer.BadParameter(f"{text!r} is not HOST:PORT")
+    return host or "127.0.0.1", int(port)
+
+
+def _print_refusal(refusal: PairingRefused) -> None:
+    who = "refused" if refusal.by_us else "refused by the peer"
+    err.print(
+        f"[red]{who}:[/red] {refusal.reason.value}: {escape(refusal.explanation)} "
+        f"({escape(refusal.detail)})"
+    )
+
+
+def _report(event: Event) -> None:
+    from keybroker.flows.pairing.protocol import (
+        DevicePaired,
+        KeyInstalled,
+        MessageReceived,
+    )
+
+    if isinstance(event, DevicePaired):
+        out.print(
+            f"paired with {event.identity}: {event.keyset} v{event.version} sent and "
+            f"confirmed (certificate SHA-256 {event.certificate_sha256.hex()[:16]}…)"
+        )
+    elif isinstance(event, KeyInstalled):
+        out.print(f"paired: received {event.keyset} v{event.version} (key id {event.key_id:#010x})")
+    elif isinstance(event, MessageReceived):
+        out.print(f"received: {escape(event.plaintext.decode('utf-8', 'replace'))}")
+
+
+# -- device ----------------------------------------------------------------------------------
+
+
+@pair_app.command("device")
+def device(
+    cert: Annotated[
+        Path, typer.Option(help="device certificate chain (PEM, leaf first)", show_default=False)
+    ],
+    key: Annotated[Path, typer.Option(help="device private key (PEM)", show_default=False)],
+    listen: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1:0",
+    sessions: Annotated[
+        int, typer.Option(help="pairing attempts to serve before exiting (0: until stopped)")
+    ] = 1,
+) -> None:
+    """Wait in pairing mode for a controller; print the pairing code first."""
+    from keybroker.flows.pairing.code import PairingCode
+    from keybroker.flows.pairing.device import DeviceSession, serve_device
+    from keybroker.flows.pairing.protocol import Device
+    from keybroker.keys import CertificateKey
+    from keybroker.pki import load_certificates
+
+    host, port = _address(listen)
+    try:
+        chain = load_certificates(_read(cert, "certificate chain"))
+        device_key = CertificateKey.from_pem(_read(key, "device key"))
+        code = PairingCode.for_certificate(chain[0])
+        Device(key=device_key, chain=chain, rng=os.urandom)  # refuse a mismatched key now
+    except KeybrokerError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"pairing code: {code.to_uri()}")
+    results: list[DeviceSession] = []
+
+    def listening(bound_host: str, bound_port: int) -> None:
+        out.print(f"listening on {bound_host}:{bound_port}")
+        sys.stdout.flush()
+
+    def finished(session: DeviceSession) -> None:
+        results.append(session)
+        if session.refusal is not None:
+            _print_refusal(session.refusal)
+        elif session.error is not None:
+            err.print(f"[red]error:[/red] {escape(session.error)}")
+        sys.stdout.flush()
+
+    def respond(message: bytes) -> bytes:
+        return b"ack: " + message
+
+    asyncio.run(
+        serve_device(
+            host,
+            port,
+            lambda: Device(key=device_key, chain=chain, rng=os.urandom),
+            respond=respond,
+            on_listening=listening,
+            on_session=finished,
+            sessions=sessions or None,
+            on_event=_report,
+        )
+    )
+    if not results or results[-1].installed is None:
+        raise typer.Exit(EXIT_REFUSED)
+
+
+# -- controller ------------------------------------------------------------------------------
+
+
+def _common_keyset(
+    keyring: Path, keyset: str, version: int | None, sync: bool
+) -> tuple[Keyset, int]:
+    from keybroker.client.principal import PrincipalClient
+    from keybroker.keys import CONSUMING_STATES
+
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    if passphrase is None:
+        raise _fail(f"set ${PASSPHRASE_ENV} to the keyring's passphrase")
+
+    async def load() -> tuple[Keyset, int | None]:
+        client = PrincipalClient.open(keyring, passphrase=passphrase)
+        async with client:
+            primary = None
+            if sync:
+                await client.receive()
+                for holding in await client.holdings():
+                    if holding.name == keyset:
+                        primary = holding.primary
+            return client.keyset(keyset), primary
+
+    common, primary = asyncio.run(load())
+    if version is None:
+        version = primary
+    if version is None:
+        local = common.primary
+        usable = [v.version for v in common.versions if v.state in CONSUMING_STATES]
+        version = local.version if local is not None else max(usable, default=None)
+    if version is None:
+        raise _fail(f"keyset {keyset!r} has no usable version in {keyring}")
+    return common, version
+
+
+@pair_app.command("controller")
+def controller(  # noqa: PLR0917 - one parameter per option
+    connect: Annotated[str, typer.Option(help="the device's HOST:PORT", show_default=False)],
+    code: Annotated[
+        str, typer.Option(help="the device's pairing code (keybroker-pair:…)", show_default=False)
+    ],
+    trust_root: Annotated[
+        list[Path],
+        typer.Option(help="manufacturer root certificate (PEM; repeatable)", show_default=False),
+    ],
+    keyring: Annotated[
+        Path,
+        typer.Option(help="this controller's keyring (a broker principal)", show_default=False),
+    ],
+    keyset: Annotated[
+        str, typer.Option(help="the common keyset to send, e.g. pairing/home", show_default=False)
+    ],
+    crl: Annotated[
+        list[Path] | None,
+        typer.Option(help="CRL of the root or an intermediate (PEM or DER; repeatable)"),
+    ] = None,
+    no_revocation: Annotated[
+        bool, typer.Option("--no-revocation", help="skip revocation checking (not advised)")
+    ] = False,
+    max_intermediates: Annotated[
+        int, typer.Option(help="most intermediate certificates a device chain may have")
+    ] = 1,
+    version: Annotated[
+        int | None, typer.Option(help="version to send [default: the primary]")
+    ] = None,
+    sync: Annotated[
+        bool, typer.Option("--sync", help="first fetch deliveries and the primary from the broker")
+    ] = False,
+    message: Annotated[
+        list[str] | None,
+        typer.Option(help="a message to send once paired (repeatable); the device answers each"),
+    ] = None,
+    name: Annotated[
+        str, typer.Option(help="this controller's name, shown to devices")
+    ] = "controller",
+    timeout: Annotated[float, typer.Option(help="seconds the whole exchange may take")] = 30.0,
+) -> None:
+    """Verify a device against its pairing code and send it the common key."""
+    from keybroker.flows.pairing.code import PairingCode
+    from keybroker.flows.pairing.controller import pair_with_device
+    from keybroker.flows.pairing.protocol import Controller
+    from keybroker.flows.pairing.verification import DevicePolicy
+    from keybroker.pki import load_certificates, load_crl
+
+    host, port = _address(connect)
+    if not crl and not no_revocation:
+        raise _fail("give the manufacturer's CRLs with --crl, or --no-revocation")
+    try:
+        expected = PairingCode.from_uri(code)
+        roots = tuple(c for path in trust_root for c in load_certificates(_read(path, "root")))
+        crls = None if no_revocation else tuple(load_crl(_read(p, "CRL")) for p in crl or ())
+        policy = DevicePolicy(roots, crls, max_intermediates)
+        common, send_version = _common_keyset(keyring, keyset, version, sync)
+        machine = Controller(
+            expected=expected,
+            policy=policy,
+            common=common,
+            version=send_version,
+            rng=os.urandom,
+            name=name,
+        )
+        out.print(f"pairing with {expected.identity} at {host}:{port}")
+        outcome = asyncio.run(
+            pair_with_device(
+                host,
+                port,
+                machine,
+                messages=[m.encode("utf-8") for m in message or ()],
+                timeout=timeout,
+                on_event=_report,
+            )
+        )
+    except KeybrokerError as exc:
+        raise _fail(str(exc)) from None
+    if outcome.refusal is not None:
+        _print_refusal(outcome.refusal)
+        raise typer.Exit(EXIT_REFUSED)
+
+
+@pair_app.command("code")
+def show_code(
+    cert: Annotated[Path, typer.Option(help="device certificate (PEM)", show_default=False)],
+) -> None:
+    """Print the pairing code for a device certificate (what its label shows)."""
+    from keybroker.flows.pairing.code import PairingCode
+    from keybroker.pki import load_certificates
+
+    try:
+        leaf = load_certificates(_read(cert, "certificate"))[0]
+        out.print(PairingCode.for_certificate(leaf).to_uri())
+    except KeybrokerError as exc:
+        raise _fail(str(exc)) from None
+
+
+if __name__ == "__main__":
+    pair_app()
