@@ -110,13 +110,18 @@ _CURRENT_CERTIFICATE: Final = (
 )
 
 
-def principal_credentials(ctx: BrokerContext, principal: PrincipalId | str) -> PrincipalCredentials:
+def principal_credentials(
+    ctx: BrokerContext, principal: PrincipalId | str, *, conn: Connection | None = None
+) -> PrincipalCredentials:
     """:class:`PrincipalCredentials` in one read (two prebuilt statements): every signed
-    API request needs them. :class:`NotFound` if there is no such principal."""
+    API request needs them. :class:`NotFound` if there is no such principal. With
+    ``conn``, read inside the caller's transaction."""
     pid = principal_id(principal)
-    with ctx.store.reader() as conn:
-        row = require_row(conn, pid)
-        cert = conn.execute(_CURRENT_CERTIFICATE, {"c_id": row.id}).one_or_none()
+    if conn is None:
+        with ctx.store.reader() as own:
+            return principal_credentials(ctx, pid, conn=own)
+    row = require_row(conn, pid)
+    cert = conn.execute(_CURRENT_CERTIFICATE, {"c_id": row.id}).one_or_none()
     return PrincipalCredentials(
         principal=pid,
         status=row.status,

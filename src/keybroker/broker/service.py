@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy.engine import Connection
 
 from keybroker.broker import audit, deliveries, enrolment, grants, keysets, principals
 from keybroker.broker._context import BrokerContext, Clock, EnvelopeSigner, Policy, Random
@@ -157,9 +158,12 @@ class Broker:
     def principal_certificate(self, principal: PrincipalId | str) -> x509.Certificate:
         return principals.principal_certificate(self._ctx, principal)
 
-    def principal_credentials(self, principal: PrincipalId | str) -> PrincipalCredentials:
-        """Status, current certificate (DER) and HPKE key of a principal, in one read."""
-        return principals.principal_credentials(self._ctx, principal)
+    def principal_credentials(
+        self, principal: PrincipalId | str, *, conn: Connection | None = None
+    ) -> PrincipalCredentials:
+        """Status, current certificate (DER) and HPKE key of a principal, in one read
+        (inside the caller's transaction with ``conn``)."""
+        return principals.principal_credentials(self._ctx, principal, conn=conn)
 
     def revoke_principal(
         self, principal: PrincipalId | str, *, reason: str = "unspecified"

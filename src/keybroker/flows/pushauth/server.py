@@ -169,9 +169,9 @@ class UserInfo:
     reason: str | None
 
 
-def _sealing_key(broker: Broker, principal: str) -> PublicKeyset:
+def _sealing_key(broker: Broker, principal: str, conn: Connection) -> PublicKeyset:
     """The HPKE key ``principal`` registered at enrolment (it must be active)."""
-    info = broker.principal_credentials(principal)
+    info = broker.principal_credentials(principal, conn=conn)
     if (
         info.status != "active"
         or info.hpke_public_key is None
@@ -392,15 +392,11 @@ class PushAuthServer:
         _text(application, MAX_APPLICATION, "the application")
         _text(terminal_address, MAX_ADDRESS, "the terminal address")
         keys = self.keys()
-        device = self._phone_of(user)
-        # Principal lookups use their own connections: do them before taking ours.
-        phone_hpke = _sealing_key(self._broker, device)
         now = self._ctx.now()
         refusal: KeybrokerError | None = None
         with self._ctx.store.transaction() as conn:
             self._ctx.store.lock(conn, f"pushauth-user/{user}")
-            if self._phone_of(user, conn) != device:
-                raise Conflict(f"the phone of {user!r} changed; try again")
+            device = self._phone_of(user, conn)
             lock = conn.execute(
                 sa.select(pushauth_users.c.locked).where(pushauth_users.c.user == user)
             ).first()
@@ -433,6 +429,7 @@ class PushAuthServer:
                     str(refusal),
                 )
             else:
+                phone_hpke = _sealing_key(self._broker, device, conn)
                 session_id = self._ctx.new_id()
                 number = new_number(self._ctx.rng, self.policy.number_digits)
                 sealed = build_challenge(
@@ -639,30 +636,23 @@ class PushAuthServer:
         if not isinstance(challenge_id, bytes) or len(challenge_id) != 16:
             raise NotFound("no such challenge")
         keys = self.keys()
-        with self._ctx.store.reader() as conn:
-            seen = conn.execute(
-                sa.select(pushauth_logins.c.device, pushauth_logins.c.terminal).where(
-                    pushauth_logins.c.challenge_id == challenge_id
-                )
-            ).first()
-        if seen is None:
-            raise NotFound("no such challenge")
-        if str(device) != seen.device:
-            raise AuthorizationError("this challenge was not sent to the calling phone")
-        # Principal lookups use their own connections: do them before taking ours.
-        creds = self._broker.principal_credentials(str(seen.device))
-        if creds.status != "active" or creds.certificate_der is None:
-            raise AuthorizationError(f"{seen.device} is {creds.status} or has no certificate")
-        device_key = load_certificate(creds.certificate_der).public_key()
-        try:
-            terminal_hpke: PublicKeyset | None = _sealing_key(self._broker, str(seen.terminal))
-        except NotFound:
-            terminal_hpke = None  # a revoked terminal gets no token (approval is refused)
         now = self._ctx.now()
         with self._ctx.store.transaction() as conn:
             row = self._row(conn, challenge_id=challenge_id)
             if row is None:
                 raise NotFound("no such challenge")
+            if str(device) != row.device:
+                raise AuthorizationError("this challenge was not sent to the calling phone")
+            creds = self._broker.principal_credentials(str(row.device), conn=conn)
+            if creds.status != "active" or creds.certificate_der is None:
+                raise AuthorizationError(f"{row.device} is {creds.status} or has no certificate")
+            device_key = load_certificate(creds.certificate_der).public_key()
+            try:
+                terminal_hpke: PublicKeyset | None = _sealing_key(
+                    self._broker, str(row.terminal), conn
+                )
+            except NotFound:
+                terminal_hpke = None  # a revoked terminal gets no token (approval is refused)
             login = PendingLogin(
                 session_id=str(row.id),
                 challenge_id=bytes(row.challenge_id),
