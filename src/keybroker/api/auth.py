@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -63,6 +64,33 @@ class Waker:
     def wake(self) -> None:
         event, self._event = self._event, asyncio.Event()
         event.set()
+
+
+class KeyedWaker:
+    """Wakes the long-polls waiting on one key (a login, a phone) in this process.
+
+    Unlike :class:`Waker`, a wake-up reaches only that key's waiters, so a thousand
+    terminals waiting on a thousand logins are not all woken (and do not all re-read
+    the database) each time one of them is decided. Capture :meth:`current` before
+    querying, as with :class:`Waker`. Events live only while someone waits on them.
+    """
+
+    def __init__(self) -> None:
+        self._events: weakref.WeakValueDictionary[str, asyncio.Event] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def current(self, key: str) -> asyncio.Event:
+        event = self._events.get(key)
+        if event is None:
+            event = asyncio.Event()
+            self._events[key] = event
+        return event
+
+    def wake(self, key: str) -> None:
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
 
 
 IdentityKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -118,6 +146,8 @@ class ApiContext:
     waker: Waker = field(default_factory=Waker)
     #: Set while a bus is configured and connected (``api/wakeups.py``).
     wakeups: BusWakeups | None = None
+    #: Per-key wake-ups (push logins and phones: ``api/routes/pushauth.py``).
+    keyed: KeyedWaker = field(default_factory=KeyedWaker)
     #: Identity keys of certificates already validated (see :class:`VerifiedKeys`).
     verified_keys: VerifiedKeys = field(default_factory=VerifiedKeys)
     #: Push login (S7): the server, and the bus its notices go out on (if any).

@@ -27,3 +27,20 @@ async def test_a_cached_key_is_not_used_outside_its_certificate_window(env: Env)
     env.clock.advance(timedelta(days=400))  # past the identity certificate's notAfter
     with pytest.raises(AuthorizationError):
         await client.holdings()
+
+
+async def test_a_keyed_wake_reaches_only_that_keys_waiters_and_events_do_not_pile_up() -> None:
+    import gc
+
+    from keybroker.api.auth import KeyedWaker
+
+    waker = KeyedWaker()
+    a, b = waker.current("login/a"), waker.current("login/b")
+    assert waker.current("login/a") is a
+    waker.wake("login/a")
+    assert a.is_set() and not b.is_set()
+    assert waker.current("login/a") is not a  # a fresh event for the next wait
+    waker.wake("login/unknown")  # nobody waits: nothing happens
+    del a, b
+    gc.collect()
+    assert len(waker._events) == 0

@@ -12,7 +12,9 @@
   broker CA key the phone pinned.
 
 Publishing a notice is best effort (the phone also long-polls), so a bus that
-is down delays a login but never approves or loses one. Operators manage
+is down delays a login but never approves or loses one. Long-polls here are
+woken per login and per phone (``KeyedWaker``) by what happens on this replica;
+what another replica decides is seen at the next ``poll_interval_seconds``. Operators manage
 phones and locks on the broker host (``keybroker pushauth …``).
 """
 
@@ -72,10 +74,12 @@ def _notification(ctx: ApiContext) -> Notification:
     return "memory"
 
 
-async def _wake(ctx: ApiContext) -> None:
-    ctx.waker.wake()
-    if ctx.wakeups is not None:
-        await ctx.wakeups.notify()
+def _login_key(session_id: str) -> str:
+    return f"login/{session_id}"
+
+
+def _phone_key(device: str) -> str:
+    return f"phone/{device}"
 
 
 @router.get(
@@ -121,7 +125,7 @@ async def start_login(
             logger.warning(
                 "push notice not published (%s); the phone will poll", type(exc).__name__
             )
-    await _wake(ctx)
+    ctx.keyed.wake(_phone_key(started.device))
     return LoginStarted(
         session_id=started.session_id,
         number=started.number,
@@ -154,7 +158,9 @@ async def login_status(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait, ctx.settings.max_wait_seconds)
     while True:
-        woken = ctx.waker.current()  # before the query: a wake-up in between is not lost
+        # Before the query: a wake-up in between is not lost. Only this login's answer
+        # wakes it here; one decided on another replica is seen at the next poll.
+        woken = ctx.keyed.current(_login_key(session_id))
         status = await run_in_threadpool(server.login_status, session_id, terminal)
         remaining = deadline - loop.time()
         if (
@@ -195,7 +201,7 @@ async def notices(request: Request, ctx: Context, device: Principal, wait: Wait 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait, ctx.settings.max_wait_seconds)
     while True:
-        woken = ctx.waker.current()
+        woken = ctx.keyed.current(_phone_key(str(device)))
         found = await run_in_threadpool(server.pending_notices, device)
         remaining = deadline - loop.time()
         if found or remaining <= 0 or await request.is_disconnected():
@@ -218,7 +224,7 @@ async def answer(body: AnswerIn, ctx: Context, device: Principal) -> AnswerOut:
     status = await run_in_threadpool(
         server.answer, device, bytes.fromhex(body.challenge_id), body.sealed
     )
-    await _wake(ctx)
+    ctx.keyed.wake(_login_key(status.session_id))
     return AnswerOut(session_id=status.session_id, state=status.state.value, reason=status.reason)
 
 
