@@ -133,5 +133,8 @@ def serve(
                 server_header=False,
                 proxy_headers=False,
                 timeout_graceful_shutdown=5,
+                # Longer than any client's keep-alive expiry (httpx: 5 s), so a client
+                # never reuses a connection the server is closing at the same moment.
+                timeout_keep_alive=75,
             )
             uvicorn.Server(config).run()

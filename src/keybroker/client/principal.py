@@ -333,9 +333,24 @@ class PrincipalClient:
         *,
         body: BaseModel | None = None,
         params: Mapping[str, Any] | None = None,
+        wait: float = 0,
     ) -> _M:
         """A request signed by this principal to any route principals call (a flow's own,
-        such as ``GET /v1/keyless/keys``), answered as ``model``; errors as in every call."""
+        such as ``GET /v1/keyless/keys``), answered as ``model``; errors as in every call.
+
+        ``wait``: seconds a long-poll route may hold the request (sent as ``?wait=``);
+        the read timeout grows by as much."""
+        if wait:
+            params = {**(params or {}), "wait": int(wait)}
+            return await self._conn.call(
+                model,
+                method,
+                path,
+                body=body,
+                params=params,
+                hook=self._sign,
+                timeout=int(wait) + _POLL_SLACK,
+            )
         return await self._conn.call(model, method, path, body=body, params=params, hook=self._sign)
 
     # -- what the broker says we hold -----------------------------------------------------

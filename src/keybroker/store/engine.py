@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +53,12 @@ def normalise_url(url: str) -> str:
 class Store:
     engine: Engine
     dialect: Dialect
+    #: SQLite has one writer at a time; threads of this process queue here for it
+    #: instead of in SQLite's busy handler, which sleeps in steps of up to 100 ms and
+    #: turned 100 concurrent API writers into seconds of waiting. (Other processes on
+    #: the same file still meet ``busy_timeout``.) Re-entrant, so a nested write on
+    #: the same thread fails as before rather than deadlocking here.
+    _writer: threading.RLock = field(default_factory=threading.RLock, compare=False)
 
     def __repr__(self) -> str:
         # The URL may carry a password: show only what identifies the database.
@@ -61,6 +68,13 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """One write transaction: everything inside commits together or not at all."""
+        if self.dialect == "sqlite":
+            with self._writer:
+                yield from self._transaction()
+        else:
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[Connection]:
         try:
             with self.engine.begin() as conn:
                 yield conn

@@ -223,9 +223,7 @@ class Phone:
         return out
 
     async def pending(self, wait: float = 0) -> list[bytes]:
-        found = await self.client.call(
-            NoticesOut, "GET", "/v1/pushauth/notices", params={"wait": int(wait)}
-        )
+        found = await self.client.call(NoticesOut, "GET", "/v1/pushauth/notices", wait=wait)
         return found.notices
 
     async def _handle(self, notice: bytes, handler: Handler) -> None:

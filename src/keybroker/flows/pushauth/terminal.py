@@ -95,10 +95,7 @@ class LoginTerminal:
         status: LoginStatusOut
         while True:
             status = await client.call(
-                LoginStatusOut,
-                "GET",
-                f"/v1/pushauth/logins/{started.session_id}",
-                params={"wait": int(poll)},
+                LoginStatusOut, "GET", f"/v1/pushauth/logins/{started.session_id}", wait=poll
             )
             if status.state != LoginState.PENDING.value:
                 break
