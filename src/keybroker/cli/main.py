@@ -114,6 +114,9 @@ def serve(
     push_digits: Annotated[
         int, typer.Option(min=2, max=6, help="digits of the number shown on the terminal")
     ] = 3,
+    push_lock_on_fraud: Annotated[
+        bool, typer.Option(help="lock a user whose phone reports a login as fraud")
+    ] = True,
 ) -> None:
     """Serve the HTTPS API (server certificate issued by the broker CA at start)."""
     from datetime import timedelta
@@ -136,6 +139,7 @@ def serve(
             number_digits=push_digits,
             rate_limit=push_rate_limit,
             rate_window=timedelta(seconds=push_rate_window),
+            lock_on_fraud=push_lock_on_fraud,
         ),
     )
 
