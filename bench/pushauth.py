@@ -130,7 +130,7 @@ class Rig:
 
 
 @contextlib.contextmanager
-def broker(workdir: Path, bus_url: str) -> Iterator[tuple[str, Path]]:
+def broker(workdir: Path, bus_url: str) -> Iterator[tuple[str, Path, int]]:
     home = workdir / "home"
     env = {**os.environ, "KEYBROKER_HOME": str(home)}
     subprocess.run([*KB, "init"], env=env, check=True, capture_output=True)
@@ -156,7 +156,7 @@ def broker(workdir: Path, bus_url: str) -> Iterator[tuple[str, Path]]:
     )
     with stopping(proc):
         wait_port(port, proc, "keybroker serve")
-        yield f"https://127.0.0.1:{port}", home
+        yield f"https://127.0.0.1:{port}", home, proc.pid
 
 
 async def populate(rig: Rig, users: int) -> None:
@@ -266,6 +266,13 @@ async def measure(harness: Harness, concurrency: int, n: int, rounds: int) -> li
     return samples
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -277,7 +284,7 @@ async def run_service(service: str, args: argparse.Namespace) -> dict[str, list[
         workdir = Path(tmp)
         with contextlib.ExitStack() as stack:
             bus_url = stack.enter_context(mosquitto(workdir)) if service == "mqtt" else NATS_URL
-            url, home = stack.enter_context(broker(workdir, bus_url))
+            url, home, pid = stack.enter_context(broker(workdir, bus_url))
             rig = Rig(url, home, workdir, bus_url)
             t0 = time.perf_counter()
             await populate(rig, max(1, args.concurrency))
@@ -290,7 +297,9 @@ async def run_service(service: str, args: argparse.Namespace) -> dict[str, list[
             await harness.start()
             try:
                 await measure(harness, 1, 5, 1)  # warm-up: connections, caches
+                cpu0 = cpu_seconds(pid)
                 out["c1"] = await measure(harness, 1, args.n, 1)
+                out["cpu"] = [(cpu_seconds(pid) - cpu0) * 1000 / args.n]
                 print(f"  {service} c=1: p50 {pct(out['c1'], 0.5):.2f} ms", flush=True)
                 if args.concurrency > 1:
                     samples = await measure(harness, args.concurrency, 0, args.rounds)
@@ -341,6 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     pi = privacyidea(args)
     c = f"c{args.concurrency}"
     for service, got in results.items():
+        figures.append(
+            Figure(
+                f"{service}_server_cpu_ms_per_login",
+                got.pop("cpu")[0],
+                "ms",
+                2,
+                None,
+                "keybroker serve's CPU time per login at c=1",
+            )
+        )
         for key, samples in got.items():
             for q, name in ((0.5, "p50"), (0.99, "p99")):
                 figures.append(
