@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.x509.verification import ClientVerifier, ExtensionPolicy, PolicyBuilder, Store
 
+from keybroker.flows.pairing.code import PairingCode
 from keybroker.flows.pairing.manufacturer import Manufacturer, ProvisionedDevice
 from keybroker.flows.pairing.protocol import Controller, ControllerState, Device, Send
 from keybroker.flows.pairing.verification import DevicePolicy
@@ -63,9 +64,13 @@ def main(argv: list[str] | None = None) -> None:
             kind=kind,  # type: ignore[arg-type]
         )
 
-        def pairing(device: ProvisionedDevice = device, kind: str = kind) -> None:
+        code = device.code  # read once from the label, as a controller does
+
+        def pairing(
+            device: ProvisionedDevice = device, kind: str = kind, code: PairingCode = code
+        ) -> None:
             controller = Controller(
-                expected=device.code, policy=policy, common=common, version=1, rng=os.urandom
+                expected=code, policy=policy, common=common, version=1, rng=os.urandom
             )
             peer = Device(key=device.key, chain=device.chain, rng=os.urandom)
             pending = controller.start()

@@ -37,6 +37,7 @@ def test_demo_runs_every_stage() -> None:
         "staged rotation",
         "keyless TLS",
         "push login",
+        "device pairing",
     ):
         assert stage in result.stdout
     # The result column; "FAILED_KEEP_OLD" in what the rotation stage proved is fine.

@@ -9,8 +9,13 @@ reason printed by both sides. Attacks a device CLI cannot mount (a replayed proo
 garbage DER) come from an adversarial device in this process, speaking the wire
 protocol over a socket to the real controller process.
 
-Until ``pair`` is registered on ``keybroker``, the processes run
-``python -m keybroker.flows.pairing.cli``.
+The genuine pairings run ``keybroker pair``; the refusal cases run the same Typer
+app as ``python -m keybroker.flows.pairing.cli`` (a second less of imports per
+process: ``keybroker.cli.main`` loads every command group). The broker side of the
+fixture (token, keyset, grant, delivery) is set up in-process against the home;
+the controller enrols and receives over the running ``keybroker serve``.
+Adversaries close the connection as soon as they have what they came for, so no
+case waits for a controller's timeout.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +33,15 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from tests.flows.pairing.pairing_kit import LAMP, PLUG, Pki, ca_key, make_pki, raw_device, usage
 
+from keybroker.broker.home import init_home, open_home
+from keybroker.broker.service import Broker
 from keybroker.client.keyring import KekSource, Keyring
+from keybroker.client.principal import PrincipalClient
 from keybroker.flows.pairing.code import PairingCode
+from keybroker.flows.pairing.crls import CrlPublisher
 from keybroker.flows.pairing.framing import frame, read_frame, write_frame
 from keybroker.flows.pairing.manufacturer import ProvisionedDevice
 from keybroker.flows.pairing.messages import DeviceProof, Hello, Refusal
@@ -40,7 +51,8 @@ from keybroker.pki import certificate_der, certificate_pem
 
 from .processes import KB, PASSPHRASE, Env, free_port
 
-PAIR = [*KB, "pair"]
+PAIR = [sys.executable, "-m", "keybroker.flows.pairing.cli"]
+KB_PAIR = [*KB, "pair"]
 KEYSET = "pairing/home"
 CONTROLLER = "device/ctl1"
 DAY = timedelta(days=1)
@@ -83,20 +95,34 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("pairing")
     env = Env(base / "home", base)
-    env.run("init")
+    init_home(env.home).close()
     port = free_port()
     server = env.serve(port)
     url = f"https://127.0.0.1:{port}"
     try:
-        token = env.run("principal", "token", CONTROLLER).stdout.strip().splitlines()[-1]
-        env.run(
-            "enroll", CONTROLLER, "--url", url, "--ca", str(env.home / "ca.pem"),
-            "--token", token, "--keyring", "ctl.keyring",
-        )  # fmt: skip
-        env.run("keyset", "create", KEYSET)
-        env.run("grant", "add", CONTROLLER, KEYSET)
-        env.run("delivery", "create", KEYSET, CONTROLLER)
-        env.run("receive", "--keyring", "ctl.keyring", "--wait", "10", "--url", url)
+        with open_home(env.home) as home:
+            broker = Broker.from_home(home)
+            token = broker.create_enrolment_token(CONTROLLER, timedelta(minutes=10)).secret
+            ca_pem = certificate_pem(broker.ca_certificate)
+
+        async def enrol() -> None:
+            client = await PrincipalClient.enrol(
+                url, ca_pem, CONTROLLER, token, base / "ctl.keyring", passphrase=PASSPHRASE
+            )
+            await client.aclose()
+
+        asyncio.run(enrol())
+        with open_home(env.home) as home:
+            broker = Broker.from_home(home)
+            broker.create_keyset(KEYSET, "AES256_GCM")
+            broker.grant(CONTROLLER, KEYSET, "hold")
+            broker.deliver(KEYSET, 1, CONTROLLER, timedelta(minutes=10))
+
+        async def receive() -> None:
+            async with PrincipalClient.open(base / "ctl.keyring", passphrase=PASSPHRASE) as ctl:
+                assert [d.state for d in await ctl.receive(wait=10)] == ["acked"]
+
+        asyncio.run(receive())
         now = datetime.now(UTC).replace(microsecond=0)
         yield World(env, base, make_pki("Acme", 20, now - 30 * DAY), now, base / "ctl.keyring", url)
     finally:
@@ -104,9 +130,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         server.wait(timeout=20)
 
 
-def start_device(world: World, directory: Path) -> tuple[subprocess.Popen[str], int]:
+def start_device(
+    world: World, directory: Path, cli: list[str] = PAIR
+) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [*PAIR, "device", "--cert", str(directory / "device.pem"), "--key",
+        [*cli, "device", "--cert", str(directory / "device.pem"), "--key",
          str(directory / "device.key")],
         cwd=world.dir, env=world.env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -123,10 +151,15 @@ def start_device(world: World, directory: Path) -> tuple[subprocess.Popen[str], 
 
 
 def controller(
-    world: World, port: int, code: PairingCode, *extra: str, trust: list[str] | None = None
+    world: World,
+    port: int,
+    code: PairingCode,
+    *extra: str,
+    trust: list[str] | None = None,
+    cli: list[str] = PAIR,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*PAIR, "controller", "--connect", f"127.0.0.1:{port}", "--code", code.to_uri(),
+        [*cli, "controller", "--connect", f"127.0.0.1:{port}", "--code", code.to_uri(),
          "--keyring", str(world.keyring), "--keyset", KEYSET,
          *(trust if trust is not None else world.trust_args()), *extra],
         cwd=world.dir, env=world.env.env, capture_output=True, text=True, timeout=120, check=False,
@@ -153,10 +186,10 @@ def genuine(
 
 def test_genuine_device_pairs_through_the_broker_and_exchanges_messages(world: World) -> None:
     chain, key = genuine(world)
-    device, port = start_device(world, world.files("genuine", chain, key))
+    device, port = start_device(world, world.files("genuine", chain, key), KB_PAIR)
     done = controller(
         world, port, PairingCode.for_certificate(chain[0]), "--sync",
-        "--message", "turn on", "--message", "dim to 40%",
+        "--message", "turn on", "--message", "dim to 40%", cli=KB_PAIR,
     )  # fmt: skip
     status, out, err = finish(device)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -258,16 +291,23 @@ def test_bad_device_is_refused_before_any_key_leaves(world: World, case: str) ->
 
 
 async def _adversary(
-    proof_for: callable, captured: list[bytes]
-) -> tuple[asyncio.AbstractServer, int]:  # type: ignore[valid-type]
-    """A device that answers the Hello with ``proof_for(hello)`` and records every frame."""
+    proof_for: callable,  # type: ignore[valid-type]
+    captured: list[bytes],
+    frames: int | None = None,
+) -> tuple[asyncio.AbstractServer, int]:
+    """A device that answers the Hello with ``proof_for(hello)`` and records every frame;
+    it hangs up after ``frames`` more frames (None: when the controller does). A device
+    that is sent the key never confirms it, so it hangs up after the KeyDelivery
+    (``frames=1``) rather than make the controller wait for its timeout."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = await read_frame(reader)
         assert hello is not None
         captured.append(hello)
         await write_frame(writer, proof_for(hello))
-        while (data := await read_frame(reader)) is not None:
+        while (frames is None or len(captured) <= frames) and (
+            data := await read_frame(reader)
+        ) is not None:
             captured.append(data)
         writer.close()
 
@@ -300,23 +340,25 @@ def _record_genuine_proof(world: World) -> tuple[bytes, PairingCode]:
         return proof.data
 
     async def run() -> None:
-        server, port = await _adversary(honest, [])
+        server, port = await _adversary(honest, [], frames=1)
         async with server:
             status, _, err = await _controller_async(
-                world, port, PairingCode.for_certificate(chain[0]), "--timeout", "5"
+                world, port, PairingCode.for_certificate(chain[0])
             )
-            # The adversary never confirms the key: the controller gives up (no confirmation).
-            assert status == 2, err
+            # The adversary hangs up instead of confirming the key: the controller fails.
+            assert status == 2 and "closed the connection" in err, err
 
     asyncio.run(run())
     return proofs[0], PairingCode.for_certificate(chain[0])
 
 
-def _attack(world: World, code: PairingCode, proof_for) -> tuple[int, str, list[bytes]]:  # type: ignore[no-untyped-def]
+def _attack(
+    world: World, code: PairingCode, proof_for, frames: int | None = None
+) -> tuple[int, str, list[bytes]]:  # type: ignore[no-untyped-def]
     captured: list[bytes] = []
 
     async def run() -> tuple[int, str]:
-        server, port = await _adversary(proof_for, captured)
+        server, port = await _adversary(proof_for, captured, frames)
         async with server:
             status, _, err = await _controller_async(world, port, code)
         return status, err
@@ -381,7 +423,7 @@ def test_refused_device_receives_no_key_material(world: World) -> None:
         assert isinstance(proof, Send)
         return proof.data
 
-    _, _, seen = _attack(world, PairingCode.for_certificate(chain[0]), honest)
+    _, _, seen = _attack(world, PairingCode.for_certificate(chain[0]), honest, frames=1)
     assert any(b"keybroker/pairing/key-delivery" in c for c in seen)
     assert not any(secret in c for c in seen)  # sealed, never in clear
 
@@ -413,3 +455,46 @@ def test_certificate_for_device_x_cannot_pair_as_device_y(world: World) -> None:
     status, err, _ = _attack(world, PairingCode.for_certificate(y_cert), y_chain_x_signature)
     assert status == 2 and "refused: bad-proof:" in err
     assert ca_key  # the kit's CA keys are what the world's PKI is built from
+
+
+# -- CRLs published by the broker -------------------------------------------------------------
+
+
+def test_controller_takes_the_manufacturer_crls_from_the_broker(world: World) -> None:
+    """The operator publishes Acme's CRLs on the broker host; a controller given no CRL file
+    fetches them (``--crl-from-broker``), verifies them under its Acme root, and refuses the
+    device the intermediate's CRL revokes while a genuine one pairs."""
+    chain, key = genuine(world)
+    revoked_chain, revoked_key = genuine(world, PLUG)
+    root_crl, devices_crl, _ = world.pki.crls([revoked_chain[0]], now=world.now - DAY)
+    with open_home(world.env.home) as home:  # the root's CRL as `crl-publish` would store it
+        CrlPublisher(Broker.from_home(home)).publish(world.pki.root.certificate, root_crl)
+    (world.dir / "acme-devices.pem").write_bytes(
+        certificate_pem(world.pki.intermediate.certificate)
+    )
+    (world.dir / "acme-devices.crl").write_bytes(devices_crl.public_bytes(Encoding.PEM))
+    published = world.env.run(
+        "pair", "crl-publish", "--ca", "acme-devices.pem", "--crl", "acme-devices.crl"
+    )
+    assert "published CRL number 1 of CN=Acme devices (1 revoked" in published.stdout
+
+    root = world.dir / "root.pem"
+    root.write_bytes(certificate_pem(world.pki.root.certificate))
+    from_broker = ["--trust-root", str(root), "--crl-from-broker"]
+    device, port = start_device(
+        world, world.files("broker-crl-revoked", revoked_chain, revoked_key)
+    )
+    done = controller(world, port, PairingCode.for_certificate(revoked_chain[0]), trust=from_broker)
+    status, out, err = finish(device)
+    assert "2 CRL(s) from the broker verified" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 2 and "refused: revoked:" in done.stderr
+    assert status == 2 and "refused by the peer: revoked:" in err and "paired" not in out
+
+    device, port = start_device(world, world.files("broker-crl-genuine", chain, key), KB_PAIR)
+    done = controller(
+        world, port, PairingCode.for_certificate(chain[0]), "--message", "hi",
+        trust=from_broker, cli=KB_PAIR,
+    )  # fmt: skip
+    status, _, err = finish(device)
+    assert done.returncode == 0 and status == 0, done.stdout + done.stderr + err
+    assert "received: ack: hi" in done.stdout

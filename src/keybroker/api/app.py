@@ -30,6 +30,7 @@ from keybroker.api.routes import (
     keyless,
     keysets,
     log,
+    pairing,
     principals,
     pushauth,
     rotation,
@@ -128,6 +129,7 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
         rotation,
         keyless,
         pushauth,
+        pairing,
     )
     for module in routers:
         app.include_router(module.router)

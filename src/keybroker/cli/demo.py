@@ -42,6 +42,7 @@ from keybroker.errors import (
     RootKeyError,
 )
 from keybroker.flows.keyless.demo import stage_keyless
+from keybroker.flows.pairing.demo import stage_pairing
 from keybroker.flows.pushauth.demo import stage_pushauth
 from keybroker.flows.rotation.demo import stage_rotation
 from keybroker.keys import AES256_GCM, ED25519, SECRET_ACCESS, X25519_HPKE, Keyset
@@ -338,6 +339,7 @@ STAGES: list[tuple[str, Callable[[DemoState], str]]] = [
     ("staged rotation", stage_rotation),
     ("keyless TLS", stage_keyless),
     ("push login", stage_pushauth),
+    ("device pairing", stage_pairing),
 ]
 
 

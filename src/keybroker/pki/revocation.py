@@ -15,10 +15,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keybroker.errors import CertificateInvalid, CertificateRevoked
 from keybroker.pki._time import as_utc, is_within
@@ -31,6 +32,35 @@ class Revocation(NamedTuple):
     serial: int
     revoked_at: datetime
     reason: x509.ReasonFlags | None = None
+
+
+#: (CRL DER, issuer SPKI DER) pairs whose signature verified. A signature's validity is a
+#: function of those bytes alone, so a CRL checked once under a key need not be checked
+#: again (a controller checks the same few CRLs on every pairing). Only successes are kept,
+#: and at most this many; every other check (issuer name, cRLSign, currentness, critical
+#: extensions) still runs on every call.
+_VERIFIED_MAX: Final = 256
+_verified: dict[tuple[bytes, bytes], None] = {}
+
+
+def _signature_valid(
+    crl: x509.CertificateRevocationList, issuer_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+) -> bool:
+    try:
+        key = (
+            crl.public_bytes(Encoding.DER),
+            issuer_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+        )
+        if key in _verified:
+            return True
+        signed = crl.is_signature_valid(issuer_key)
+    except PARSE_ERRORS:
+        return False
+    if signed:
+        if len(_verified) >= _VERIFIED_MAX:
+            _verified.clear()
+        _verified[key] = None
+    return signed
 
 
 def _issuer_may_sign_crls(issuer: x509.Certificate) -> bool:
@@ -53,11 +83,7 @@ def verify_crl(
     # The path validator admits only RSA and EC issuers; so do we.
     if not isinstance(issuer_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise CertificateInvalid(f"{name} has a key type that cannot sign CRLs here")
-    try:
-        signed = crl.is_signature_valid(issuer_key)
-    except PARSE_ERRORS:
-        signed = False
-    if not signed:
+    if not _signature_valid(crl, issuer_key):
         raise CertificateInvalid(f"CRL signature does not verify under the key of {name}")
     if not _issuer_may_sign_crls(issuer):
         raise CertificateInvalid(f"{name} may not sign CRLs (keyUsage lacks cRLSign)")

@@ -384,3 +384,17 @@ pushauth_logins = Table(
     Index(None, "device", "state"),
     Index(None, "state", "expires_at"),
 )
+
+# -- pairing (S9): keybroker.flows.pairing (0008) ----------------------------------------
+
+# Manufacturer CA certificates (roots or intermediates) an operator published CRLs for.
+# Their CRLs are rows of ``crls`` (issuer_fingerprint = this table's fingerprint). The
+# broker relays both; controllers verify each CRL under a manufacturer root they trust.
+pairing_manufacturer_cas = Table(
+    "pairing_manufacturer_cas",
+    metadata,
+    Column("fingerprint", LargeBinary(32), primary_key=True),
+    Column("subject", String(512), nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)

@@ -34,6 +34,7 @@ from keybroker.flows.pairing.protocol import (
     Send,
 )
 from keybroker.flows.pairing.refusals import RefusalReason
+from keybroker.flows.pairing.verification import DevicePolicy
 from keybroker.pki import DeviceIdentity, certificate_der
 
 from .conftest import Wire, common_keyset, common_material, make_controller, make_device
@@ -318,3 +319,33 @@ def test_pairing_code_round_trip_and_strictness() -> None:
     with pytest.raises(DecodeError):
         DeviceIdentity("has space", "0024be804ff1", "m")
     assert os.urandom  # the machines take randomness as an argument; drivers pass os.urandom
+
+
+def test_records_go_out_under_the_version_delivered(wire: WireFactory) -> None:
+    """The primary is used as is (no copy); a non-primary version is delivered from a
+    private copy; and if the shared keyset's primary moves mid-session, sending is refused
+    rather than sealed under a version the device does not hold."""
+    key = device_key()
+    code = code_for(acme().device(key=key))
+    common = common_keyset()
+    v2 = common.add().version  # pending for now
+
+    w = wire(make_controller(code, common=common), make_device(key))
+    assert w.controller._common is common
+    w.run(w.controller.start())
+    assert w.controller.state is ControllerState.PAIRED
+    common.promote(v2)  # someone rotates the held keyset while the session runs
+    with pytest.raises(LocalProtocolError, match="primary changed"):
+        w.controller.send(b"turn on")
+
+    pki = acme()
+    policy = DevicePolicy((pki.root.certificate,), tuple(pki.crls()), 1)
+    pinned = Controller(expected=code, policy=policy, common=common, version=1, rng=os.urandom)
+    assert pinned._common is not common
+    w = wire(pinned, make_device(key))
+    w.run(pinned.start())
+    assert [e.version for e in w.events if isinstance(e, KeyInstalled)] == [1]
+    (record,) = pinned.send(b"dim")
+    assert isinstance(record, Send)
+    assert w.device.receive(record.data, NOW) == [MessageReceived(b"dim")]
+    assert common.primary is not None and common.primary.version == v2  # the caller's: as it was

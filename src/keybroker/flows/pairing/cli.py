@@ -7,6 +7,7 @@
         --trust-root acme-root.pem --crl acme-root.crl --crl acme-devices.crl \\
         --keyring ctl.keyring --keyset pairing/home [--sync] [--message hello]
     keybroker pair code --cert device.pem
+    keybroker pair crl-publish --ca acme-devices.pem --crl acme-devices.crl [--home …]
 
 The **device** listens in pairing mode, prints its pairing code and
 ``listening on HOST:PORT``, proves it holds its certified key, installs the common
@@ -18,6 +19,10 @@ fetches outstanding deliveries and follows the broker's primary). It checks the
 device's chain against the manufacturer roots and CRLs, its identification info
 and key hash against the pairing code, and its proof of possession; only then is
 the common key sent, sealed to the device's key.
+
+With ``--crl-from-broker`` the controller also takes the manufacturer CRLs the
+broker publishes (``crl-publish``, run on the broker host), keeping only those that
+verify under a CA chaining to one of its ``--trust-root`` certificates.
 
 A refusal prints ``refused: <reason>: <what it means> (<detail>)`` on stderr,
 on both sides, and exits with status 2.
@@ -38,6 +43,11 @@ from rich.markup import escape
 from keybroker.errors import KeybrokerError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from datetime import datetime
+
+    from cryptography import x509
+
     from keybroker.flows.pairing.protocol import Event, PairingRefused
     from keybroker.keys import Keyset
 
@@ -164,17 +174,25 @@ def device(
 # -- controller ------------------------------------------------------------------------------
 
 
-def _common_keyset(
-    keyring: Path, keyset: str, version: int | None, sync: bool
-) -> tuple[Keyset, int]:
+def _from_broker(  # noqa: PLR0917 - one per CLI option
+    keyring: Path,
+    keyset: str,
+    version: int | None,
+    sync: bool,
+    crl_roots: Sequence[x509.Certificate] | None,
+    now: datetime,
+) -> tuple[Keyset, int, tuple[x509.CertificateRevocationList, ...]]:
+    """The common keyset and version to send and, with ``crl_roots``, the broker's CRLs
+    that verify under those roots (one connection to the broker, if any is needed)."""
     from keybroker.client.principal import PrincipalClient
+    from keybroker.flows.pairing.crls import fetch_trusted_crls
     from keybroker.keys import CONSUMING_STATES
 
     passphrase = os.environ.get(PASSPHRASE_ENV)
     if passphrase is None:
         raise _fail(f"set ${PASSPHRASE_ENV} to the keyring's passphrase")
 
-    async def load() -> tuple[Keyset, int | None]:
+    async def load() -> tuple[Keyset, int | None, tuple[x509.CertificateRevocationList, ...]]:
         client = PrincipalClient.open(keyring, passphrase=passphrase)
         async with client:
             primary = None
@@ -183,9 +201,16 @@ def _common_keyset(
                 for holding in await client.holdings():
                     if holding.name == keyset:
                         primary = holding.primary
-            return client.keyset(keyset), primary
+            kept: tuple[x509.CertificateRevocationList, ...] = ()
+            if crl_roots is not None:
+                verdict = await fetch_trusted_crls(client, crl_roots, now)
+                for why in verdict.ignored:
+                    err.print(f"[yellow]ignored:[/yellow] {escape(why)}")
+                out.print(f"{len(verdict.kept)} CRL(s) from the broker verified")
+                kept = verdict.kept
+            return client.keyset(keyset), primary, kept
 
-    common, primary = asyncio.run(load())
+    common, primary, fetched = asyncio.run(load())
     if version is None:
         version = primary
     if version is None:
@@ -194,7 +219,7 @@ def _common_keyset(
         version = local.version if local is not None else max(usable, default=None)
     if version is None:
         raise _fail(f"keyset {keyset!r} has no usable version in {keyring}")
-    return common, version
+    return common, version, fetched
 
 
 @pair_app.command("controller")
@@ -218,6 +243,13 @@ def controller(  # noqa: PLR0917 - one parameter per option
         list[Path] | None,
         typer.Option(help="CRL of the root or an intermediate (PEM or DER; repeatable)"),
     ] = None,
+    crl_from_broker: Annotated[
+        bool,
+        typer.Option(
+            "--crl-from-broker",
+            help="also use the broker's manufacturer CRLs (each verified under --trust-root)",
+        ),
+    ] = False,
     no_revocation: Annotated[
         bool, typer.Option("--no-revocation", help="skip revocation checking (not advised)")
     ] = False,
@@ -241,20 +273,27 @@ def controller(  # noqa: PLR0917 - one parameter per option
 ) -> None:
     """Verify a device against its pairing code and send it the common key."""
     from keybroker.flows.pairing.code import PairingCode
-    from keybroker.flows.pairing.controller import pair_with_device
+    from keybroker.flows.pairing.controller import pair_with_device, utc_now
     from keybroker.flows.pairing.protocol import Controller
     from keybroker.flows.pairing.verification import DevicePolicy
     from keybroker.pki import load_certificates, load_crl
 
     host, port = _address(connect)
-    if not crl and not no_revocation:
-        raise _fail("give the manufacturer's CRLs with --crl, or --no-revocation")
+    if no_revocation and (crl or crl_from_broker):
+        raise _fail("--no-revocation cannot be combined with --crl or --crl-from-broker")
+    if not crl and not crl_from_broker and not no_revocation:
+        raise _fail(
+            "give the manufacturer's CRLs with --crl or --crl-from-broker, or --no-revocation"
+        )
     try:
         expected = PairingCode.from_uri(code)
         roots = tuple(c for path in trust_root for c in load_certificates(_read(path, "root")))
-        crls = None if no_revocation else tuple(load_crl(_read(p, "CRL")) for p in crl or ())
+        local_crls = tuple(load_crl(_read(p, "CRL")) for p in crl or ())
+        common, send_version, fetched = _from_broker(
+            keyring, keyset, version, sync, roots if crl_from_broker else None, utc_now()
+        )
+        crls = None if no_revocation else local_crls + fetched
         policy = DevicePolicy(roots, crls, max_intermediates)
-        common, send_version = _common_keyset(keyring, keyset, version, sync)
         machine = Controller(
             expected=expected,
             policy=policy,
@@ -294,6 +333,45 @@ def show_code(
         out.print(PairingCode.for_certificate(leaf).to_uri())
     except KeybrokerError as exc:
         raise _fail(str(exc)) from None
+
+
+@pair_app.command("crl-publish")
+def crl_publish(
+    ca: Annotated[
+        Path,
+        typer.Option(help="the manufacturer CA certificate that signs the CRL (PEM or DER)"),
+    ],
+    crl: Annotated[Path, typer.Option(help="its current CRL (PEM or DER)", show_default=False)],
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--home", envvar="KEYBROKER_HOME", help="keybroker home [default: ./.keybroker]"
+        ),
+    ] = None,
+) -> None:
+    """On the broker host: publish a manufacturer CA's CRL to controllers (GET /v1/pairing/crls).
+
+    The CRL must be current and signed by the CA, with a higher CRL number than the
+    one published before; controllers check it again under the roots they trust.
+    """
+    from keybroker.broker.home import open_home
+    from keybroker.broker.service import Broker
+    from keybroker.flows.pairing.crls import CrlPublisher
+    from keybroker.pki import load_certificate, load_crl
+    from keybroker.store.paths import default_home
+
+    try:
+        issuer = load_certificate(_read(ca, "CA certificate"))
+        revocations = load_crl(_read(crl, "CRL"))
+        with open_home(home or default_home()) as opened:
+            published = CrlPublisher(Broker.from_home(opened)).publish(issuer, revocations)
+    except KeybrokerError as exc:
+        raise _fail(str(exc)) from None
+    listed = len(list(published.crl))
+    out.print(
+        f"published CRL number {published.number} of {escape(published.name)} "
+        f"({listed} revoked; next update {published.crl.next_update_utc:%Y-%m-%d %H:%M} UTC)"
+    )
 
 
 if __name__ == "__main__":

@@ -242,9 +242,13 @@ def _record_aad(transcript_sha256: bytes, sender: str, seq: int) -> bytes:
 class _Records:
     """Sequence-numbered AEAD records under the common key, in both directions."""
 
-    __slots__ = ("_aead", "_in", "_out", "_peer", "_self", "_transcript")
+    __slots__ = ("_aead", "_in", "_keyset", "_out", "_peer", "_self", "_transcript", "_version")
 
-    def __init__(self, keyset: Keyset, transcript_sha256: bytes, me: str, peer: str) -> None:
+    def __init__(
+        self, keyset: Keyset, version: int, transcript_sha256: bytes, me: str, peer: str
+    ) -> None:
+        self._keyset = keyset
+        self._version = version
         self._aead = keyset.aead()
         self._transcript = transcript_sha256
         self._self, self._peer = me, peer
@@ -254,6 +258,10 @@ class _Records:
     def seal(self, plaintext: bytes) -> bytes:
         if len(plaintext) > MAX_RECORD_PLAINTEXT:
             raise LocalProtocolError(f"a record carries at most {MAX_RECORD_PLAINTEXT} bytes")
+        primary = self._keyset.primary
+        if primary is None or primary.version != self._version:
+            # The peer holds only the version delivered: never send under another one.
+            raise LocalProtocolError("the common keyset's primary changed during the session")
         seq = self._out
         self._out += 1
         aad = _record_aad(self._transcript, self._self, seq)
@@ -268,14 +276,16 @@ class _Records:
         return plaintext
 
 
-def _sending_copy(common: Keyset, version: int) -> Keyset:
-    """A private copy of ``common`` whose primary is ``version``: records go out under the
-    version delivered, whatever the held keyset's own primary is. Copied through the keys
-    module's at-rest format under a throwaway KEK, so no key bytes are handled here."""
+def _sending_keyset(common: Keyset, version: int) -> Keyset:
+    """``common`` itself when ``version`` is its primary (records go out under the primary,
+    so under the version delivered): the usual case, and free. Otherwise a private copy
+    whose primary is ``version``, made through the keys module's at-rest format under a
+    throwaway KEK, so no key bytes are handled here."""
+    if common.version(version).state is KeyState.PRIMARY:
+        return common
     kek = Keyset.generate("pairing/scratch-kek", AES256_GCM).aead()
     copy = Keyset.from_wrapped(common.name, common.purpose, common.wrapped_versions(kek), kek)
-    if copy.version(version).state is not KeyState.PRIMARY:
-        copy.promote(version)
+    copy.promote(version)
     return copy
 
 
@@ -310,8 +320,7 @@ class Controller:
     ) -> None:
         if common.purpose is not Purpose.AEAD:
             raise LocalProtocolError("the common key must be an aead keyset")
-        common.version(version)  # KeysetError now, not mid-handshake
-        common = _sending_copy(common, version)
+        common = _sending_keyset(common, version)  # KeysetError now, not mid-handshake
         self.expected = expected
         self.policy = policy
         self.state = ControllerState.START
@@ -434,7 +443,9 @@ class Controller:
             exc = KeyConfirmationFailed("the key confirmation MAC does not verify")
             return self._refuse(reason_of(exc), str(exc))
         self._transcript.add(data)
-        self._records = _Records(self._common, self._transcript.digest(), "controller", "device")
+        self._records = _Records(
+            self._common, self._version, self._transcript.digest(), "controller", "device"
+        )
         assert self.device is not None
         return [
             DevicePaired(
@@ -559,7 +570,9 @@ class Device:
         confirmation = KeyConfirmation(mac=mac).encode()
         self._transcript.add(confirmation)
         self.keyset = keyset
-        self._records = _Records(keyset, self._transcript.digest(), "device", "controller")
+        self._records = _Records(
+            keyset, installed.version, self._transcript.digest(), "device", "controller"
+        )
         return [
             Send(confirmation),
             KeyInstalled(keyset=keyset.name, version=installed.version, key_id=installed.key_id),
