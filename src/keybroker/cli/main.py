@@ -20,7 +20,7 @@ from keybroker.flows.pairing.cli import pair_app
 from keybroker.flows.pushauth.cli import login_command, phone_app, pushauth_app
 from keybroker.flows.rotation.agent_cli import agent_command
 from keybroker.flows.rotation.cli import rotation_app
-from keybroker.store.engine import default_home
+from keybroker.store.paths import default_home
 
 app = typer.Typer(
     name="keybroker",

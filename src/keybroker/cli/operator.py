@@ -12,18 +12,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from keybroker.broker.home import open_home
-from keybroker.broker.service import Broker
 from keybroker.errors import ConfigurationError
 from keybroker.keys import TEMPLATES
-from keybroker.log.sth import SignedTreeHead
-from keybroker.store.engine import default_home
+
+if TYPE_CHECKING:
+    # The broker (SQLAlchemy, Alembic) is imported by the commands that use it, so that
+    # every `keybroker` process (agents, phones, edges) does not pay for it at start.
+    from keybroker.broker.service import Broker
+    from keybroker.log.sth import SignedTreeHead
 
 out = Console()
 
@@ -46,6 +48,10 @@ def parse_duration(text: str) -> timedelta:
 
 @contextmanager
 def broker_for(home: Path | None) -> Iterator[Broker]:
+    from keybroker.broker.home import open_home
+    from keybroker.broker.service import Broker
+    from keybroker.store.paths import default_home
+
     with open_home(home or default_home()) as opened:
         yield Broker.from_home(opened)
 
@@ -321,6 +327,9 @@ def log_verify(
     With ``--url`` the check runs over the API and pins the log key seen the first
     time: a broker that changes its log key or rewrites history is reported.
     """
+    from keybroker.log.sth import SignedTreeHead
+    from keybroker.store.paths import default_home
+
     target = home or default_home()
     seen_file = state or target / ("log-head.seen" if url is None else "log-monitor.seen")
     previous = SignedTreeHead.decode(seen_file.read_bytes()) if seen_file.exists() else None

@@ -27,15 +27,11 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from keybroker.errors import ConfigurationError, StoreError
 from keybroker.store.migrate import upgrade as _migrate_upgrade
+from keybroker.store.paths import default_home
 
 Dialect = Literal["sqlite", "postgresql"]
 
 DB_FILENAME = "keybroker.db"
-
-
-def default_home() -> Path:
-    """``$KEYBROKER_HOME``, or ``./.keybroker``."""
-    return Path(os.environ.get("KEYBROKER_HOME", ".keybroker"))
 
 
 def default_url(home: Path | None = None) -> str:

@@ -88,7 +88,7 @@ def _service_keys(home: Path | None) -> Iterator[ServiceKeys]:
     from keybroker.broker.home import open_home
     from keybroker.broker.service import Broker
     from keybroker.flows.keyless.service_keys import ServiceKeys
-    from keybroker.store.engine import default_home
+    from keybroker.store.paths import default_home
 
     try:
         with open_home(home or default_home()) as opened:

@@ -90,7 +90,7 @@ def _server(home: Path | None) -> Iterator[tuple[Broker, PushAuthServer]]:
     from keybroker.broker.home import open_home
     from keybroker.broker.service import Broker
     from keybroker.flows.pushauth.server import PushAuthServer
-    from keybroker.store.engine import default_home
+    from keybroker.store.paths import default_home
 
     with open_home(home or default_home()) as opened:
         broker = Broker.from_home(opened)

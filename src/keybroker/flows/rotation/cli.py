@@ -92,7 +92,7 @@ def _operator(
     url: str, ca: Path | None, token_file: Path | None, home: Path | None
 ) -> OperatorClient:
     from keybroker.client.operator import OperatorClient
-    from keybroker.store.engine import default_home
+    from keybroker.store.paths import default_home
 
     where = home or default_home()
     ca_file = ca or where / _CA_FILE
