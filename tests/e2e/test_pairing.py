@@ -46,6 +46,7 @@ from keybroker.flows.pairing.framing import frame, read_frame, write_frame
 from keybroker.flows.pairing.manufacturer import ProvisionedDevice
 from keybroker.flows.pairing.messages import DeviceProof, Hello, Refusal
 from keybroker.flows.pairing.protocol import Device, Send
+from keybroker.flows.pairing.rekey import PairedDevices
 from keybroker.keys import SECRET_ACCESS, CertificateKey
 from keybroker.pki import certificate_der, certificate_pem
 
@@ -131,11 +132,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def start_device(
-    world: World, directory: Path, cli: list[str] = PAIR
+    world: World, directory: Path, cli: list[str] = PAIR, sessions: int = 1
 ) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [*cli, "device", "--cert", str(directory / "device.pem"), "--key",
-         str(directory / "device.key")],
+         str(directory / "device.key"), "--sessions", str(sessions)],
         cwd=world.dir, env=world.env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -498,3 +499,69 @@ def test_controller_takes_the_manufacturer_crls_from_the_broker(world: World) ->
     status, _, err = finish(device)
     assert done.returncode == 0 and status == 0, done.stdout + done.stderr + err
     assert "received: ack: hi" in done.stdout
+
+
+# -- rotating the common keyset re-pairs devices ------------------------------------------------
+
+REKEYED = "pairing/rekeyed"  # its own keyset: rotating it leaves the other tests' v1 alone
+
+
+def test_rotating_the_common_keyset_re_pairs_devices(world: World) -> None:
+    """Two devices pair under v1 and are recorded; the operator rotates the keyset and
+    delivers v2 to the controller; ``pair rekey`` re-runs the whole pairing with both: the
+    genuine device switches to v2 and talks under it, the one revoked meanwhile is refused
+    and keeps nothing new."""
+    with open_home(world.env.home) as home:
+        broker = Broker.from_home(home)
+        broker.create_keyset(REKEYED, "AES256_GCM")
+        broker.grant(CONTROLLER, REKEYED, "hold")
+        broker.deliver(REKEYED, 1, CONTROLLER, timedelta(minutes=10))
+    record = world.dir / "rekey-devices.json"
+    keep_chain, keep_key = genuine(world)
+    gone_chain, gone_key = genuine(world, PLUG)
+    devices = []
+    for label, chain, key in (("keep", keep_chain, keep_key), ("gone", gone_chain, gone_key)):
+        proc, port = start_device(world, world.files(f"rekey-{label}", chain, key), sessions=2)
+        devices.append((proc, port))
+        done = subprocess.run(
+            [*PAIR, "controller", "--connect", f"127.0.0.1:{port}",
+             "--code", PairingCode.for_certificate(chain[0]).to_uri(),
+             "--keyring", str(world.keyring), "--keyset", REKEYED, "--sync",
+             "--devices", str(record), *world.trust_args()],
+            cwd=world.dir, env=world.env.env, capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0 and f"{REKEYED} v1 sent and confirmed" in done.stdout, (
+            done.stdout + done.stderr
+        )
+    with open_home(world.env.home) as home:  # rotate, deliver the new version, promote it
+        broker = Broker.from_home(home)
+        assert broker.rotate_keyset(REKEYED).version == 2
+        broker.deliver(REKEYED, 2, CONTROLLER, timedelta(minutes=10))
+        broker.promote_version(REKEYED, 2)
+    revoking = world.pki.crls([gone_chain[0]], now=world.now - DAY)
+    rekey = subprocess.run(
+        [*PAIR, "rekey", "--keyring", str(world.keyring), "--keyset", REKEYED,
+         "--devices", str(record), "--message", "after rotation", *world.trust_args(revoking)],
+        cwd=world.dir, env=world.env.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    (keep, _), (gone, _) = devices
+    keep_status, keep_out, keep_err = finish(keep)
+    gone_status, gone_out, gone_err = finish(gone)
+    assert rekey.returncode == 2, rekey.stdout + rekey.stderr  # one device refused
+    assert f"{REKEYED} v2: re-pairing 2 device(s)" in rekey.stdout
+    assert f"re-paired {LAMP} at" in rekey.stdout and f"{REKEYED} v1 → v2" in rekey.stdout
+    assert "received: ack: after rotation" in rekey.stdout
+    assert f"refused: {PLUG} at" in rekey.stderr and ": revoked:" in rekey.stderr
+    assert "it keeps v1" in rekey.stderr
+    # The genuine device took v2 and decrypted the message sent under it.
+    assert keep_status == 0, keep_err
+    assert f"paired: received {REKEYED} v1" in keep_out
+    assert f"paired: received {REKEYED} v2" in keep_out
+    assert keep_out.index(f"{REKEYED} v2") < keep_out.index("received: after rotation")
+    # The revoked one heard why and received nothing new.
+    assert gone_status == 2 and "refused by the peer: revoked:" in gone_err
+    assert f"{REKEYED} v2" not in gone_out and "after rotation" not in gone_out
+    saved = {d.identity: d for d in PairedDevices.load(record)}
+    assert saved[str(LAMP)].version == 2
+    assert (saved[str(PLUG)].version, saved[str(PLUG)].refused) == (1, "revoked")

@@ -6,6 +6,8 @@
     keybroker pair controller --connect 127.0.0.1:7400 --code 'keybroker-pair:V:1;…;;' \\
         --trust-root acme-root.pem --crl acme-root.crl --crl acme-devices.crl \\
         --keyring ctl.keyring --keyset pairing/home [--sync] [--message hello]
+    keybroker pair rekey --keyring ctl.keyring --keyset pairing/home \
+        --trust-root acme-root.pem --crl-from-broker [--watch [--interval 10]]
     keybroker pair code --cert device.pem
     keybroker pair crl-publish --ca acme-devices.pem --crl acme-devices.crl [--home …]
 
@@ -24,6 +26,14 @@ With ``--crl-from-broker`` the controller also takes the manufacturer CRLs the
 broker publishes (``crl-publish``, run on the broker host), keeping only those that
 verify under a CA chaining to one of its ``--trust-root`` certificates.
 
+The controller records every device it paired in ``<keyring>.devices.json``
+(``--devices``; addresses, pairing codes, versions: nothing secret). After the
+common keyset rotated at the broker, **rekey** fetches the new version and runs
+the whole pairing again with every recorded device behind it (``--watch``: every
+``--interval`` seconds, until stopped), printing per device ``re-paired …`` or
+the refusal. A device keeps the key it was paired with across sessions and takes
+a new one only from a controller that proves it holds that key.
+
 A refusal prints ``refused: <reason>: <what it means> (<detail>)`` on stderr,
 on both sides, and exits with status 2.
 """
@@ -31,6 +41,7 @@ on both sides, and exits with status 2.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -40,15 +51,16 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from keybroker.errors import KeybrokerError
+from keybroker.errors import KeybrokerError, KeysetError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
     from datetime import datetime
 
     from cryptography import x509
 
     from keybroker.flows.pairing.protocol import Event, PairingRefused
+    from keybroker.flows.pairing.rekey import RepairResult
     from keybroker.keys import Keyset
 
 pair_app = typer.Typer(
@@ -122,7 +134,11 @@ def device(
         int, typer.Option(help="pairing attempts to serve before exiting (0: until stopped)")
     ] = 1,
 ) -> None:
-    """Wait in pairing mode for a controller; print the pairing code first."""
+    """Wait in pairing mode for a controller; print the pairing code first.
+
+    Once paired, the device takes a new key (a re-pairing) only from a controller
+    that proves it holds the one it has, and then keeps only the new one.
+    """
     from keybroker.flows.pairing.code import PairingCode
     from keybroker.flows.pairing.device import DeviceSession, serve_device
     from keybroker.flows.pairing.protocol import Device
@@ -139,6 +155,7 @@ def device(
         raise _fail(str(exc)) from None
     out.print(f"pairing code: {code.to_uri()}")
     results: list[DeviceSession] = []
+    held: list[Keyset] = []  # the common key from the last pairing, for the next session
 
     def listening(bound_host: str, bound_port: int) -> None:
         out.print(f"listening on {bound_host}:{bound_port}")
@@ -146,6 +163,8 @@ def device(
 
     def finished(session: DeviceSession) -> None:
         results.append(session)
+        if session.keyset is not None:
+            held[:] = [session.keyset]
         if session.refusal is not None:
             _print_refusal(session.refusal)
         elif session.error is not None:
@@ -159,7 +178,9 @@ def device(
         serve_device(
             host,
             port,
-            lambda: Device(key=device_key, chain=chain, rng=os.urandom),
+            lambda: Device(
+                key=device_key, chain=chain, rng=os.urandom, held=held[-1] if held else None
+            ),
             respond=respond,
             on_listening=listening,
             on_session=finished,
@@ -222,6 +243,17 @@ def _from_broker(  # noqa: PLR0917 - one per CLI option
     return common, version, fetched
 
 
+def _revocation_args(
+    crl: Sequence[Path] | None, crl_from_broker: bool, no_revocation: bool
+) -> None:
+    if no_revocation and (crl or crl_from_broker):
+        raise _fail("--no-revocation cannot be combined with --crl or --crl-from-broker")
+    if not crl and not crl_from_broker and not no_revocation:
+        raise _fail(
+            "give the manufacturer's CRLs with --crl or --crl-from-broker, or --no-revocation"
+        )
+
+
 @pair_app.command("controller")
 def controller(  # noqa: PLR0917 - one parameter per option
     connect: Annotated[str, typer.Option(help="the device's HOST:PORT", show_default=False)],
@@ -270,22 +302,23 @@ def controller(  # noqa: PLR0917 - one parameter per option
         str, typer.Option(help="this controller's name, shown to devices")
     ] = "controller",
     timeout: Annotated[float, typer.Option(help="seconds the whole exchange may take")] = 30.0,
+    devices: Annotated[
+        Path | None,
+        typer.Option(help="record of paired devices [default: <keyring>.devices.json]"),
+    ] = None,
 ) -> None:
     """Verify a device against its pairing code and send it the common key."""
     from keybroker.flows.pairing.code import PairingCode
     from keybroker.flows.pairing.controller import pair_with_device, utc_now
     from keybroker.flows.pairing.protocol import Controller
+    from keybroker.flows.pairing.rekey import PairedDevices, default_record_path, previous_for
     from keybroker.flows.pairing.verification import DevicePolicy
     from keybroker.pki import load_certificates, load_crl
 
     host, port = _address(connect)
-    if no_revocation and (crl or crl_from_broker):
-        raise _fail("--no-revocation cannot be combined with --crl or --crl-from-broker")
-    if not crl and not crl_from_broker and not no_revocation:
-        raise _fail(
-            "give the manufacturer's CRLs with --crl or --crl-from-broker, or --no-revocation"
-        )
+    _revocation_args(crl, crl_from_broker, no_revocation)
     try:
+        record = PairedDevices.load(devices or default_record_path(keyring))
         expected = PairingCode.from_uri(code)
         roots = tuple(c for path in trust_root for c in load_certificates(_read(path, "root")))
         local_crls = tuple(load_crl(_read(p, "CRL")) for p in crl or ())
@@ -301,6 +334,7 @@ def controller(  # noqa: PLR0917 - one parameter per option
             version=send_version,
             rng=os.urandom,
             name=name,
+            previous=previous_for(common, record.get(expected)),
         )
         out.print(f"pairing with {expected.identity} at {host}:{port}")
         outcome = asyncio.run(
@@ -313,10 +347,167 @@ def controller(  # noqa: PLR0917 - one parameter per option
                 on_event=_report,
             )
         )
-    except KeybrokerError as exc:
+        if outcome.paired is not None:
+            record.paired(expected, f"{host}:{port}", outcome.paired)
+            record.save()
+    except (KeybrokerError, OSError) as exc:
         raise _fail(str(exc)) from None
     if outcome.refusal is not None:
         _print_refusal(outcome.refusal)
+        raise typer.Exit(EXIT_REFUSED)
+
+
+def _print_result(result: RepairResult) -> None:
+    who = f"{result.device.identity} at {result.device.address}"
+    if result.ok and result.paired is not None:
+        out.print(
+            f"re-paired {who}: {result.paired.keyset} v{result.from_version} → v{result.to_version}"
+        )
+    elif result.refusal is not None:
+        refusal = result.refusal
+        by = "refused" if refusal.by_us else "refused by the device"
+        err.print(
+            f"[red]{by}:[/red] {who}: {refusal.reason.value}: {escape(refusal.explanation)} "
+            f"({escape(refusal.detail)}); it keeps v{result.from_version}"
+        )
+    else:
+        err.print(f"[red]not re-paired:[/red] {who}: {escape(result.error or 'no outcome')}")
+
+
+def _watch(one_round: Callable[[], Awaitable[object]], interval: float) -> None:
+    from keybroker.flows.pairing.rekey import watch
+
+    def failed(exc: BaseException) -> None:
+        err.print(f"[yellow]round failed:[/yellow] {escape(str(exc))}")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(watch(one_round, interval=interval, stop=asyncio.Event(), on_error=failed))
+
+
+@pair_app.command("rekey")
+def rekey(  # noqa: PLR0917 - one parameter per option
+    trust_root: Annotated[
+        list[Path],
+        typer.Option(help="manufacturer root certificate (PEM; repeatable)", show_default=False),
+    ],
+    keyring: Annotated[
+        Path,
+        typer.Option(help="this controller's keyring (a broker principal)", show_default=False),
+    ],
+    keyset: Annotated[
+        str, typer.Option(help="the common keyset, e.g. pairing/home", show_default=False)
+    ],
+    crl: Annotated[
+        list[Path] | None,
+        typer.Option(help="CRL of the root or an intermediate (read again every round)"),
+    ] = None,
+    crl_from_broker: Annotated[
+        bool,
+        typer.Option(
+            "--crl-from-broker",
+            help="also use the broker's manufacturer CRLs (each verified under --trust-root)",
+        ),
+    ] = False,
+    no_revocation: Annotated[
+        bool, typer.Option("--no-revocation", help="skip revocation checking (not advised)")
+    ] = False,
+    max_intermediates: Annotated[
+        int, typer.Option(help="most intermediate certificates a device chain may have")
+    ] = 1,
+    devices: Annotated[
+        Path | None,
+        typer.Option(help="record of paired devices [default: <keyring>.devices.json]"),
+    ] = None,
+    message: Annotated[
+        list[str] | None,
+        typer.Option(help="a message to send each re-paired device (repeatable)"),
+    ] = None,
+    name: Annotated[
+        str, typer.Option(help="this controller's name, shown to devices")
+    ] = "controller",
+    timeout: Annotated[float, typer.Option(help="seconds one device's exchange may take")] = 30.0,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="keep polling the broker and re-pair on each rotation")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="seconds between polls with --watch")] = 10.0,
+) -> None:
+    """After the common keyset rotated: pair every recorded device again with the new primary.
+
+    Fetches the controller's deliveries, reads the broker's primary, and runs the
+    whole pairing (chain, CRLs, identity, proof; the new version sealed with a
+    proof of the old one) with every device in the record that has an older
+    version. Exits 2 if any device was refused or unreachable (without --watch).
+    """
+    from keybroker.client.principal import PrincipalClient
+    from keybroker.flows.pairing.crls import fetch_trusted_crls
+    from keybroker.flows.pairing.rekey import (
+        PairedDevices,
+        default_record_path,
+        repair_devices,
+        utc_now,
+    )
+    from keybroker.flows.pairing.verification import DevicePolicy
+    from keybroker.pki import load_certificates, load_crl
+
+    _revocation_args(crl, crl_from_broker, no_revocation)
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    if passphrase is None:
+        raise _fail(f"set ${PASSPHRASE_ENV} to the keyring's passphrase")
+    record_path = devices or default_record_path(keyring)
+    roots = tuple(c for path in trust_root for c in load_certificates(_read(path, "root")))
+    texts = [m.encode("utf-8") for m in message or ()]
+
+    async def one_round() -> list[RepairResult]:
+        local = tuple(load_crl(Path(p).read_bytes()) for p in crl or ())
+        async with PrincipalClient.open(keyring, passphrase=passphrase) as client:
+            await client.receive()
+            holding = [h for h in await client.holdings() if h.name == keyset]
+            fetched: tuple[x509.CertificateRevocationList, ...] = ()
+            if crl_from_broker:
+                verdict = await fetch_trusted_crls(client, roots, utc_now())
+                for why in verdict.ignored:
+                    err.print(f"[yellow]ignored:[/yellow] {escape(why)}")
+                fetched = verdict.kept
+            primary = holding[0].primary if holding else None
+            if primary is None:
+                raise KeysetError(f"this controller holds no primary of {keyset!r} at the broker")
+            common = client.keyset(keyset)
+            if primary not in {v.version for v in common.versions}:
+                raise KeysetError(f"{keyset} v{primary} has not been delivered here yet")
+            client.promote_version(keyset, primary)  # follow the broker (as the rotation agent)
+            common = client.keyset(keyset)
+        record = PairedDevices.load(record_path)
+        due = record.due(keyset, primary)
+        if due:
+            out.print(f"{keyset} v{primary}: re-pairing {len(due)} device(s)")
+        elif not watch:
+            out.print(f"{keyset} v{primary}: no recorded device to re-pair")
+        policy = DevicePolicy(roots, None if no_revocation else local + fetched, max_intermediates)
+        results = await repair_devices(
+            record,
+            common=common,
+            version=primary,
+            policy=policy,
+            rng=os.urandom,
+            name=name,
+            messages=texts,
+            timeout=timeout,
+            on_event=_report,
+        )
+        for result in results:
+            _print_result(result)
+        sys.stdout.flush()
+        return results
+
+    if watch:
+        out.print(f"watching {keyset} every {interval:g} s (Ctrl-C to stop)")
+        _watch(one_round, interval)
+        return
+    try:
+        results = asyncio.run(one_round())
+    except (KeybrokerError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if not all(r.ok for r in results):
         raise typer.Exit(EXIT_REFUSED)
 
 

@@ -1,7 +1,10 @@
 """The device's driver: listen in pairing mode, run :class:`~.protocol.Device` per connection.
 
 After pairing the device answers each application message with ``respond(message)``
-under the common key (the CLI's device acknowledges what it received).
+under the common key (the CLI's device acknowledges what it received). The key a
+session installed is in :attr:`DeviceSession.keyset`; a device that serves more
+than one session passes it to the next session's machine as ``held``, so a
+re-pairing must continue it (see :mod:`.protocol`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from keybroker.flows.pairing.protocol import (
     PairingRefused,
     Send,
 )
+from keybroker.keys import Keyset
 
 Clock = Callable[[], datetime]
 
@@ -35,6 +39,7 @@ class DeviceSession:
     """What one connection ended with."""
 
     installed: KeyInstalled | None = None
+    keyset: Keyset | None = None  # what was installed (its repr shows ids only)
     refusal: PairingRefused | None = None
     error: str | None = None
     received: list[bytes] = field(default_factory=list, repr=False)
@@ -62,6 +67,7 @@ async def run_device_session(
                     on_event(event)
                 if isinstance(event, KeyInstalled):
                     session.installed = event
+                    session.keyset = device.keyset
                 elif isinstance(event, PairingRefused):
                     session.refusal = event
                     return session

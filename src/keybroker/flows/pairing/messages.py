@@ -5,14 +5,17 @@ On the wire (controller A, device B)::
     A → B  Hello            controller name, 32-byte nonce
     B → A  DeviceProof      echoed nonce, device nonce, certificate chain (DER, leaf
                             first), signature over ProofToBeSigned
-    A → B  KeyDelivery      keyset, version, scheme, the version sealed to B's key
+    A → B  KeyDelivery      keyset, version, scheme, the version sealed to B's key and,
+                            when re-pairing, the version B holds and a MAC under it
+                            (the continuity proof)
            or Refusal       reason code and detail: nothing else leaves A
     B → A  KeyConfirmation  MAC over the transcript under the delivered key
+           or Refusal       (re-pairing) B refuses a key that does not continue its own
     A ↔ B  Record           seq, AEAD ciphertext under the common key
 
 The other types are never sent: they are the bytes that get signed
 (ProofToBeSigned), bound into the seal (SealInfo) or authenticated with each
-record (RecordAad, ConfirmationInput). Each has its own label, so a signature
+record (RecordAad, ConfirmationInput, ContinuityInput). Each has its own label, so a signature
 or MAC over one can never be taken for another.
 """
 
@@ -85,6 +88,16 @@ class KeyDelivery(Message):
     version: int
     scheme: str
     sealed: bytes = field(repr=False)
+    #: Re-pairing: the version the device was given before (0: a first pairing) and
+    #: a MAC under that version over :class:`ContinuityInput`.
+    previous_version: int = 0
+    continuity: bytes = field(default=b"", repr=False)
+
+    def check(self) -> None:
+        if self.previous_version < 0 or len(self.continuity) > 64:
+            raise DecodeError("key delivery: bad continuity proof")
+        if (self.previous_version == 0) != (not self.continuity):
+            raise DecodeError("key delivery: a continuity proof needs its version, and back")
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,18 @@ class ConfirmationInput(Message):
 
     LABEL: ClassVar[str] = _label("confirmation-input")
     transcript_sha256: bytes
+
+
+@dataclass(frozen=True)
+class ContinuityInput(Message):
+    """What a re-pairing controller MACs under the version the device holds: this
+    session's transcript (Hello, DeviceProof) and the delivery it vouches for."""
+
+    LABEL: ClassVar[str] = _label("continuity-input")
+    transcript_sha256: bytes
+    keyset: str
+    version: int
+    sealed_sha256: bytes
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,15 @@ then sends the common key encrypted under B's key)::
          MAC ok ─► PAIRED;  MAC bad ─► REFUSED
     PAIRED ◄──── Record(seq, AEAD under the common key) ────► PAIRED
 
+Re-pairing (after the common keyset rotated, or to talk again) is the same
+exchange with every check again; the controller adds to its KeyDelivery the
+version the device was given and a MAC under it (the *continuity proof*, over
+:class:`~.messages.ContinuityInput`: this transcript and the sealed delivery). A
+device that holds a key (``held``) accepts a new one only with that proof and
+only for the same keyset at the same or a newer version; otherwise it answers
+with a Refusal (``not-continuous``, ``stale-version``) and keeps what it holds.
+Once the new key opens it replaces the old one: a device holds one version.
+
 Rules the tables and the classes keep:
 
 * The only code path that seals the common key runs after
@@ -66,6 +75,7 @@ from keybroker.flows.pairing.messages import (
     MAX_RECORD_PLAINTEXT,
     NONCE_SIZE,
     ConfirmationInput,
+    ContinuityInput,
     DeviceProof,
     Hello,
     KeyConfirmation,
@@ -79,7 +89,9 @@ from keybroker.flows.pairing.messages import (
 from keybroker.flows.pairing.refusals import (
     EXPLANATIONS,
     KeyConfirmationFailed,
+    NotContinuous,
     RefusalReason,
+    StaleVersion,
     parse_reason,
     reason_of,
 )
@@ -144,7 +156,7 @@ CONTROLLER_TRANSITIONS: Final[dict[tuple[ControllerState, Input], tuple[Controll
 
 DEVICE_TRANSITIONS: Final[dict[tuple[DeviceState, Input], tuple[DeviceState, ...]]] = {
     (DeviceState.EXPECT_HELLO, Hello): (DeviceState.EXPECT_KEY,),
-    (DeviceState.EXPECT_KEY, KeyDelivery): (DeviceState.PAIRED,),
+    (DeviceState.EXPECT_KEY, KeyDelivery): (DeviceState.PAIRED, DeviceState.REFUSED),
     (DeviceState.EXPECT_KEY, Refusal): (DeviceState.REFUSED,),
     (DeviceState.PAIRED, Record): (DeviceState.PAIRED,),
     (DeviceState.PAIRED, SEND): (DeviceState.PAIRED,),
@@ -289,6 +301,17 @@ def _sending_keyset(common: Keyset, version: int) -> Keyset:
     return copy
 
 
+def _continuity_challenge(
+    transcript_sha256: bytes, keyset: str, version: int, sealed: bytes
+) -> bytes:
+    return ContinuityInput(
+        transcript_sha256=transcript_sha256,
+        keyset=keyset,
+        version=version,
+        sealed_sha256=_sha256(sealed),
+    ).encode()
+
+
 def _refusal(reason: RefusalReason, detail: str) -> list[Event]:
     message = Refusal(reason=reason.value, detail=detail[:500])
     return [Send(message.encode()), PairingRefused(reason, message.detail, by_us=True)]
@@ -305,7 +328,8 @@ class Controller:
     """Device A: verifies a device against a pairing code, then sends it the common key.
 
     ``common`` is the common keyset (an ``aead`` keyset the controller holds);
-    ``version`` the version to deliver.
+    ``version`` the version to deliver; ``previous``, when re-pairing a device, the
+    version it was given before (the controller must still hold it: it proves so).
     """
 
     def __init__(
@@ -317,10 +341,16 @@ class Controller:
         version: int,
         rng: Rng,
         name: str = "controller",
+        previous: int | None = None,
     ) -> None:
         if common.purpose is not Purpose.AEAD:
             raise LocalProtocolError("the common key must be an aead keyset")
+        if previous is not None:
+            if previous < 1:
+                raise LocalProtocolError("versions start at 1")
+            common.version(previous)  # KeysetError if we no longer hold it
         common = _sending_keyset(common, version)  # KeysetError now, not mid-handshake
+        self.previous = previous
         self.expected = expected
         self.policy = policy
         self.state = ControllerState.START
@@ -422,11 +452,19 @@ class Controller:
         ).encode()
         public_key = device.leaf.public_key()
         sealed = self._common.seal_version_to_certificate_key(self._version, public_key, info=info)
+        continuity = b""
+        if self.previous is not None:
+            challenge = _continuity_challenge(
+                self._transcript.digest(), self._common.name, self._version, sealed
+            )
+            continuity = self._common.prove_possession(self.previous, challenge)
         delivery = KeyDelivery(
             keyset=self._common.name,
             version=self._version,
             scheme=transport_scheme(public_key).value,
             sealed=sealed,
+            previous_version=self.previous or 0,
+            continuity=continuity,
         ).encode()
         self._transcript.add(delivery)
         return [Send(delivery)]
@@ -463,17 +501,30 @@ class Controller:
 class Device:
     """Device B: proves it holds its certified key, receives the common key, confirms it.
 
-    ``chain`` is the device certificate first, then its intermediates.
+    ``chain`` is the device certificate first, then its intermediates; ``held`` the
+    common key it was paired with before (None: not paired, any controller that
+    passes its checks may give it a key). After a pairing :attr:`keyset` holds the
+    one version received, to pass as ``held`` to the next session's machine.
     """
 
-    def __init__(self, *, key: CertificateKey, chain: Sequence[x509.Certificate], rng: Rng) -> None:
+    def __init__(
+        self,
+        *,
+        key: CertificateKey,
+        chain: Sequence[x509.Certificate],
+        rng: Rng,
+        held: Keyset | None = None,
+    ) -> None:
         if not chain:
             raise LocalProtocolError("a device needs its certificate")
         if public_key_fingerprint(chain[0].public_key()) != public_key_fingerprint(
             key.public_key()
         ):
             raise LocalProtocolError("the device key does not match its certificate")
+        if held is not None and held.primary is None:
+            raise LocalProtocolError("a held common key needs its primary version")
         self.state = DeviceState.EXPECT_HELLO
+        self.held = held
         self.keyset: Keyset | None = None
         self.refusal: PairingRefused | None = None
         self._key = key
@@ -548,6 +599,14 @@ class Device:
         if delivery.scheme != self._key.scheme.value:
             self.state = DeviceState.ERROR
             raise RemoteProtocolError("key delivered with a scheme this key does not use")
+        if self.held is not None:
+            try:
+                self._check_continuity(delivery)
+            except (NotContinuous, StaleVersion) as exc:
+                self.state = DeviceState.REFUSED
+                events = _refusal(reason_of(exc), str(exc))
+                self.refusal = events[1]  # type: ignore[assignment]
+                return events
         info = SealInfo(
             certificate_sha256=self._certificate_sha256,
             transcript_sha256=self._transcript.digest(),
@@ -577,3 +636,24 @@ class Device:
             Send(confirmation),
             KeyInstalled(keyset=keyset.name, version=installed.version, key_id=installed.key_id),
         ]
+
+    def _check_continuity(self, delivery: KeyDelivery) -> None:
+        """A paired device's rule: the same keyset, proof of the version held, no going back."""
+        held = self.held
+        assert held is not None and held.primary is not None
+        have = held.primary.version
+        if delivery.previous_version != have:
+            raise NotContinuous(f"paired with {held.name} v{have}; no proof of holding it")
+        challenge = _continuity_challenge(
+            self._transcript.digest(), delivery.keyset, delivery.version, delivery.sealed
+        )
+        try:
+            held.verify_possession(have, challenge, delivery.continuity)
+        except CryptoError:
+            raise NotContinuous(
+                f"the proof of holding {held.name} v{have} does not verify"
+            ) from None
+        if delivery.keyset != held.name:
+            raise NotContinuous(f"paired for keyset {held.name}, offered {delivery.keyset}")
+        if delivery.version < have:
+            raise StaleVersion(f"offered v{delivery.version}; holds v{have}")

@@ -48,6 +48,9 @@ class RefusalReason(StrEnum):
     BAD_PROOF = "bad-proof"
     KEY_CONFIRMATION_FAILED = "key-confirmation-failed"
     PROTOCOL_VIOLATION = "protocol-violation"
+    #: (said by a paired device) the key does not continue the one it holds
+    NOT_CONTINUOUS = "not-continuous"
+    STALE_VERSION = "stale-version"
 
 
 #: What an installer reads for each reason.
@@ -68,6 +71,10 @@ EXPLANATIONS: Final[dict[RefusalReason, str]] = {
     RefusalReason.BAD_PROOF: "the device could not prove it holds the certified key",
     RefusalReason.KEY_CONFIRMATION_FAILED: "the device did not confirm the common key",
     RefusalReason.PROTOCOL_VIOLATION: "the peer broke the pairing protocol",
+    RefusalReason.NOT_CONTINUOUS: (
+        "the device is paired and the controller did not prove it holds the device's key"
+    ),
+    RefusalReason.STALE_VERSION: "the key offered is older than the one the device holds",
 }
 
 
@@ -89,11 +96,25 @@ class KeyConfirmationFailed(AuthorizationError):
     problem = "pairing/key-confirmation-failed"
 
 
+class NotContinuous(AuthorizationError):
+    """A paired device was offered a key without proof of the version it holds."""
+
+    problem = "pairing/not-continuous"
+
+
+class StaleVersion(AuthorizationError):
+    """A paired device was offered an older version than the one it holds."""
+
+    problem = "pairing/stale-version"
+
+
 # Most specific first: the first class an error is an instance of gives its reason.
 _BY_ERROR: Final[tuple[tuple[type[KeybrokerError], RefusalReason], ...]] = (
     (ReplayedProof, RefusalReason.REPLAYED_PROOF),
     (ProofInvalid, RefusalReason.BAD_PROOF),
     (KeyConfirmationFailed, RefusalReason.KEY_CONFIRMATION_FAILED),
+    (NotContinuous, RefusalReason.NOT_CONTINUOUS),
+    (StaleVersion, RefusalReason.STALE_VERSION),
     (ChainTooLong, RefusalReason.CHAIN_TOO_LONG),
     (SelfSignedCertificate, RefusalReason.SELF_SIGNED),
     (CertificateNotYetValid, RefusalReason.NOT_YET_VALID),
