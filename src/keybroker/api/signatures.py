@@ -232,12 +232,21 @@ def _reason(exc: Exception) -> str:
 # -- the replay cache ----------------------------------------------------------------
 
 
+#: How often a replica deletes expired nonces (they cannot be replayed anyway: their
+#: signatures are too old to be accepted).
+PURGE_EVERY = dt.timedelta(seconds=1)
+
+
 class NonceCache:
     """``(principal, nonce)`` pairs seen recently, in the database all replicas share."""
 
     def __init__(self, store: Store, max_skew: dt.timedelta) -> None:
         self._store = store
         self._keep = max_skew + dt.timedelta(seconds=1)
+        self._purged_at: dt.datetime | None = None
+        self._purge = request_nonces.delete().where(
+            request_nonces.c.expires_at < sa.bindparam("now")
+        )
         insert: Callable[..., Any] = (
             postgresql.insert if store.dialect == "postgresql" else sqlite.insert
         )
@@ -254,7 +263,10 @@ class NonceCache:
         replayed, since their signatures are now too old.
         """
         with self._store.transaction() as conn:
-            conn.execute(request_nonces.delete().where(request_nonces.c.expires_at < now))
+            # Housekeeping at most once a second per process, not on every request.
+            if self._purged_at is None or now - self._purged_at >= PURGE_EVERY:
+                conn.execute(self._purge, {"now": now})
+                self._purged_at = now
             # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING.
             fresh = conn.execute(
                 self._insert,
