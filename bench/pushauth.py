@@ -79,7 +79,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise Broken(f"{what} exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            raise Broken(f"{what} exited with status {proc.returncode} (see its log)")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
             return
         time.sleep(0.1)
@@ -109,9 +109,9 @@ def mosquitto(workdir: Path) -> Iterator[str]:
         f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
         "persistence false\nmax_queued_messages 100000\n"
     )
-    proc = subprocess.Popen(
-        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    # Its log goes to a file: a pipe nobody reads fills up and stalls the server.
+    with (workdir / "mosquitto.log").open("wb") as log:
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     with stopping(proc):
         wait_port(port, proc, "mosquitto")
         yield f"mqtt://127.0.0.1:{port}"
@@ -135,25 +135,26 @@ def broker(workdir: Path, bus_url: str) -> Iterator[tuple[str, Path, int]]:
     env = {**os.environ, "KEYBROKER_HOME": str(home)}
     subprocess.run([*KB, "init"], env=env, check=True, capture_output=True)
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            *KB,
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--bus",
-            bus_url,
-            "--wake-topic",
-            f"kb.bench-{port}",
-            "--push-rate-limit",
-            "1000000",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    with (workdir / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                *KB,
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--bus",
+                bus_url,
+                "--wake-topic",
+                f"kb.bench-{port}",
+                "--push-rate-limit",
+                "1000000",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     with stopping(proc):
         wait_port(port, proc, "keybroker serve")
         yield f"https://127.0.0.1:{port}", home, proc.pid
