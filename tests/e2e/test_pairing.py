@@ -48,7 +48,12 @@ from keybroker.flows.pairing.messages import DeviceProof, Hello, Refusal
 from keybroker.flows.pairing.protocol import Device, Send
 from keybroker.flows.pairing.rekey import PairedDevices
 from keybroker.keys import SECRET_ACCESS, CertificateKey
-from keybroker.pki import certificate_der, certificate_pem
+from keybroker.pki import (
+    DeviceIdentity,
+    certificate_der,
+    certificate_pem,
+    public_key_fingerprint,
+)
 
 from .processes import KB, PASSPHRASE, Env, free_port
 
@@ -499,6 +504,69 @@ def test_controller_takes_the_manufacturer_crls_from_the_broker(world: World) ->
     status, _, err = finish(device)
     assert done.returncode == 0 and status == 0, done.stdout + done.stderr + err
     assert "received: ack: hi" in done.stdout
+
+
+# -- the broker's inventory instead of a pairing code ------------------------------------------
+
+
+def _pair_from_inventory(
+    world: World, port: int, serial: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PAIR, "controller", "--connect", f"127.0.0.1:{port}", "--from-inventory", serial,
+         "--keyring", str(world.keyring), "--keyset", KEYSET, *world.trust_args(), *extra],
+        cwd=world.dir, env=world.env.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_controller_pairs_from_the_brokers_inventory(world: World) -> None:
+    """The operator records two devices at the broker (one from its code, one field by
+    field); the controller takes the identity to check from the broker's record: the
+    genuine device pairs, a device whose certificate's key is not the recorded one is
+    refused before any key leaves, and a removed record is a clear error."""
+    lamp = DeviceIdentity("SN-INV-1", "0024be00a001", "lamp-2")
+    plug = DeviceIdentity("SN-INV-2", "0024be00a002", "plug-1")
+    chain, key = genuine(world, lamp)
+    impostor_chain, impostor_key = genuine(world, plug)  # a genuine Acme plug, not the recorded
+    recorded_key = CertificateKey.generate("p256")
+    code = PairingCode.for_certificate(chain[0])
+    broker_side = [*PAIR, "inventory-add", "--operator", "alice"]
+    for args in (
+        ["--code", code.to_uri()],
+        ["--serial", plug.serial, "--hardware-id", "00:24:BE:00:A0:02", "--model", plug.model,
+         "--key-sha256", public_key_fingerprint(recorded_key.public_key()).hex()],
+    ):  # fmt: skip
+        added = subprocess.run(
+            [*broker_side, *args], cwd=world.dir, env=world.env.env, capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert added.returncode == 0 and "recorded " in added.stdout, added.stdout + added.stderr
+
+    device, port = start_device(world, world.files("inventory-genuine", chain, key))
+    done = _pair_from_inventory(world, port, lamp.serial, "--message", "hi")
+    status, out, err = finish(device)
+    assert done.returncode == 0 and status == 0, done.stdout + done.stderr + err
+    assert f"inventory record at the broker: {code.to_uri()}" in done.stdout
+    assert f"paired with {lamp}: {KEYSET} v1 sent and confirmed" in done.stdout
+    assert "received: ack: hi" in done.stdout
+
+    device, port = start_device(
+        world, world.files("inventory-impostor", impostor_chain, impostor_key)
+    )
+    done = _pair_from_inventory(world, port, plug.serial)
+    status, out, err = finish(device)
+    assert done.returncode == 2 and "refused: public-key-mismatch:" in done.stderr, done.stderr
+    assert status == 2 and "refused by the peer: public-key-mismatch:" in err
+    assert "paired" not in out
+
+    removed = subprocess.run(
+        [*PAIR, "inventory-remove", "--serial", lamp.serial, "--operator", "bob"],
+        cwd=world.dir, env=world.env.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert removed.returncode == 0 and f"removed {lamp}" in removed.stdout, removed.stderr
+    done = _pair_from_inventory(world, free_port(), lamp.serial)
+    assert done.returncode == 2
+    assert f"no inventory record for device serial {lamp.serial}" in done.stderr
 
 
 # -- rotating the common keyset re-pairs devices ------------------------------------------------

@@ -30,3 +30,17 @@ class ManufacturerCrlOut(Response):
 
 class ManufacturerCrls(Response):
     crls: list[ManufacturerCrlOut]
+
+
+class InventoryRecordOut(Response):
+    """The broker's inventory record of a device: what its pairing code would carry."""
+
+    serial: str = Field(description="the device's serial number")
+    hardware_id: str = Field(description="its hardware id (48-bit MAC, 12 lower-case hex digits)")
+    model: str
+    key_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the device key's SPKI (DER), hex"
+    )
+    code: str = Field(description="the same as a pairing code (keybroker-pair:V:1;…;;)")
+    added_by: str = Field(description="the operator who recorded it")
+    added_at: datetime

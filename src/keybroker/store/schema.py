@@ -398,3 +398,19 @@ pairing_manufacturer_cas = Table(
     Column("der", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
 )
+
+# -- pairing (S9): the broker's device inventory (0009) -----------------------------------
+
+# What a device's pairing code carries, recorded by an operator: a controller may check a
+# device against this record instead of a code (``pair controller --from-inventory``).
+# Nothing secret: identification info, the SHA-256 of the device key's SPKI, who and when.
+pairing_inventory = Table(
+    "pairing_inventory",
+    metadata,
+    Column("serial", String(64), primary_key=True),
+    Column("hardware_id", String(12), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("key_sha256", LargeBinary(32), nullable=False),
+    Column("added_by", String(128), nullable=False),
+    Column("added_at", UTCDateTime, nullable=False),
+)

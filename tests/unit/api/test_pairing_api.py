@@ -6,6 +6,11 @@ the latest CRL of every CA with ``GET /v1/pairing/crls``; a controller keeps a
 relayed CRL only if it verifies under a CA chaining to a root it trusts
 (:func:`fetch_trusted_crls`), so a broker that forges, swaps or withholds a CRL
 cannot make a revoked device pass.
+
+The broker's device inventory (:class:`Inventory`, what ``keybroker pair
+inventory-add`` / ``inventory-remove`` run) is read by principals with
+``GET /v1/pairing/inventory/{serial}`` (:func:`fetch_inventory_code`, what
+``pair controller --from-inventory`` runs).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keybroker.api.pairing_schemas import ManufacturerCrls
+from keybroker.api.pairing_schemas import InventoryRecordOut, ManufacturerCrls
 from keybroker.api.routes import pairing as pairing_routes
 from keybroker.broker.events import decode_event
 from keybroker.errors import (
@@ -29,8 +34,12 @@ from keybroker.errors import (
     CertificateRevoked,
     Conflict,
     DecodeError,
+    IdentityMismatch,
+    NotFound,
+    PublicKeyMismatch,
     RevocationUnknown,
 )
+from keybroker.flows.pairing.code import PairingCode
 from keybroker.flows.pairing.crls import (
     LOG_ENTRIES,
     CrlPublished,
@@ -39,6 +48,13 @@ from keybroker.flows.pairing.crls import (
     fetch_trusted_crls,
     trusted_crls,
 )
+from keybroker.flows.pairing.inventory import LOG_ENTRIES as INVENTORY_ENTRIES
+from keybroker.flows.pairing.inventory import (
+    Inventory,
+    InventoryAdded,
+    InventoryRemoved,
+    fetch_inventory_code,
+)
 from keybroker.flows.pairing.manufacturer import Manufacturer
 from keybroker.pki import (
     CertificateAuthority,
@@ -46,6 +62,7 @@ from keybroker.pki import (
     Revocation,
     fingerprint,
     verify_device_chain,
+    verify_device_identity,
 )
 from keybroker.store.schema import crls as crls_table
 
@@ -247,3 +264,89 @@ async def test_the_controller_does_not_trust_the_brokers_copy(
     assert verdict.ignored == (
         "CRL of CN=Acme devices: CRL signature does not verify under the key of CN=Acme devices",
     )
+
+
+# -- the broker's device inventory -------------------------------------------------------------
+
+INVENTORY = "/v1/pairing/inventory"
+
+
+async def test_an_operator_records_a_device_and_a_controller_checks_against_it(
+    api: Env, acme_maker: Manufacturer
+) -> None:
+    now = api.clock()
+    lamp = acme_maker.provision(LAMP, now - DAY).certificate
+    code = PairingCode.for_certificate(lamp)
+    inventory = Inventory(api.broker)
+    size = api.log_size()
+    added = inventory.add(code, "alice")
+    assert (added.code, added.added_by, added.added_at) == (code, "alice", now)
+
+    ctl = await api.enrolled("device/ctl1")
+    got = await ctl.call(InventoryRecordOut, "GET", f"{INVENTORY}/{LAMP.serial}")
+    assert (got.serial, got.hardware_id, got.model) == ("SN-0001", "0024be804ff1", "lamp-2")
+    assert got.key_sha256 == code.key_sha256.hex() and got.code == code.to_uri()
+    assert (got.added_by, got.added_at) == ("alice", now)
+    fetched = await fetch_inventory_code(ctl, LAMP.serial)
+    assert fetched == code
+    # What the controller checks with it: the genuine certificate passes; another device's
+    # certificate, or the same identity with another key, does not.
+    verify_device_identity(lamp, fetched.identity, fetched.key_sha256)
+    plug = acme_maker.provision(DeviceIdentity("SN-0002", "0024be804ff2", "plug-1"), now - DAY)
+    with pytest.raises(IdentityMismatch):
+        verify_device_identity(plug.certificate, fetched.identity, fetched.key_sha256)
+    other_key = acme_maker.provision(LAMP, now - DAY).certificate
+    with pytest.raises(PublicKeyMismatch):
+        verify_device_identity(other_key, fetched.identity, fetched.key_sha256)
+
+    # The same record again is a no-op; another one for the same serial a conflict.
+    before, logged = api.dump(), api.log_size()
+    assert inventory.add(code, "bob").added_by == "alice"
+    with pytest.raises(Conflict, match="already recorded"):
+        inventory.add(PairingCode.for_certificate(other_key), "mallory")
+    with pytest.raises(DecodeError, match="operator"):
+        inventory.add(PairingCode.for_certificate(plug.certificate), "")
+    assert api.dump() == before and api.log_size() == logged
+
+    removed = inventory.remove(LAMP.serial, "bob")
+    assert removed.code == code
+    with pytest.raises(NotFound, match="no inventory record for device serial SN-0001"):
+        await fetch_inventory_code(ctl, LAMP.serial)
+    with pytest.raises(NotFound):
+        inventory.remove(LAMP.serial, "bob")
+
+    # Each change is in the transparency log, with who made it; nothing secret.
+    entries = api.home.log.entries(size, api.log_size())
+    ours = [e for e in entries if any(label.encode() in e for label in INVENTORY_ENTRIES)]
+    decoded = [InventoryAdded.decode(ours[0]), InventoryRemoved.decode(ours[1])]
+    assert [type(e) for e in decoded] == [InventoryAdded, InventoryRemoved]
+    assert [(e.serial, e.key_sha256, e.operator) for e in decoded] == [
+        ("SN-0001", code.key_sha256, "alice"),
+        ("SN-0001", code.key_sha256, "bob"),
+    ]
+    assert len(ours) == 2
+    with pytest.raises(DecodeError):
+        decode_event(ours[0])
+
+
+async def test_only_principals_read_the_inventory(api: Env, acme_maker: Manufacturer) -> None:
+    now = api.clock()
+    Inventory(api.broker).add(
+        PairingCode.for_certificate(acme_maker.provision(LAMP, now - DAY).certificate), "alice"
+    )
+    http = api.http()
+    problem(await http.get(f"{INVENTORY}/{LAMP.serial}"), 401, "authentication")
+    problem(
+        await http.get(f"{INVENTORY}/{LAMP.serial}", headers=api.admin_headers()),
+        401,
+        "authentication",
+    )
+    ctl = await api.enrolled("device/ctl1")
+    with pytest.raises(NotFound):
+        await fetch_inventory_code(ctl, "SN-9999")
+    with pytest.raises(DecodeError):
+        await fetch_inventory_code(ctl, "not/a serial")
+    api.broker.revoke_principal("device/ctl1")
+    with pytest.raises(AuthorizationError) as caught:
+        await fetch_inventory_code(ctl, LAMP.serial)
+    assert "revoked" in str(caught.value).lower()

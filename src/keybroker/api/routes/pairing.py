@@ -8,18 +8,30 @@ route is signed so that only enrolled principals learn which manufacturers a
 deployment trusts. The broker only relays them: a controller keeps a CRL only
 if it verifies under a manufacturer root the controller itself trusts
 (:func:`keybroker.flows.pairing.crls.trusted_crls`).
+
+``GET /v1/pairing/inventory/{serial}`` answers a principal with the broker's
+inventory record of a device (``keybroker pair inventory-add`` on the broker
+host): the identification info and key hash a controller checks the device's
+certificate against (``pair controller --from-inventory``), 404 if there is none.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from cryptography.hazmat.primitives.serialization import Encoding
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 
 from keybroker.api.auth import Context, Principal
-from keybroker.api.pairing_schemas import ManufacturerCrlOut, ManufacturerCrls
+from keybroker.api.pairing_schemas import (
+    InventoryRecordOut,
+    ManufacturerCrlOut,
+    ManufacturerCrls,
+)
 from keybroker.api.problems import documented
 from keybroker.api.routes._common import SIGNED
 from keybroker.flows.pairing.crls import CrlPublisher, PublishedCrl
+from keybroker.flows.pairing.inventory import SERIAL_PATTERN, Inventory, InventoryRecord
 from keybroker.pki import certificate_pem
 
 router = APIRouter(tags=["pairing"])
@@ -49,3 +61,32 @@ def crl_out(published: PublishedCrl) -> ManufacturerCrlOut:
 )
 def manufacturer_crls(ctx: Context, principal: Principal) -> ManufacturerCrls:
     return ManufacturerCrls(crls=[crl_out(p) for p in CrlPublisher(ctx.broker).current()])
+
+
+def inventory_out(found: InventoryRecord) -> InventoryRecordOut:
+    ident = found.code.identity
+    return InventoryRecordOut(
+        serial=ident.serial,
+        hardware_id=ident.hardware_id,
+        model=ident.model,
+        key_sha256=found.code.key_sha256.hex(),
+        code=found.code.to_uri(),
+        added_by=found.added_by,
+        added_at=found.added_at,
+    )
+
+
+SerialPath = Annotated[
+    str, Path(pattern=SERIAL_PATTERN, max_length=64, description="Device serial number")
+]
+
+
+@router.get(
+    "/v1/pairing/inventory/{serial}",
+    response_model=InventoryRecordOut,
+    responses=documented(401, 404, 422),
+    openapi_extra=SIGNED,
+    summary="The broker's inventory record of a device: identification info and key hash",
+)
+def inventory_record(ctx: Context, principal: Principal, serial: SerialPath) -> InventoryRecordOut:
+    return inventory_out(Inventory(ctx.broker).get(serial))

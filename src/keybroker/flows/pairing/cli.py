@@ -10,6 +10,9 @@
         --trust-root acme-root.pem --crl-from-broker [--watch [--interval 10]]
     keybroker pair code --cert device.pem
     keybroker pair crl-publish --ca acme-devices.pem --crl acme-devices.crl [--home …]
+    keybroker pair inventory-add --code 'keybroker-pair:V:1;…;;' [--home …]
+    keybroker pair inventory-remove --serial SN-0042 [--home …]
+    keybroker pair controller --connect 127.0.0.1:7400 --from-inventory SN-0042 …
 
 The **device** listens in pairing mode, prints its pairing code and
 ``listening on HOST:PORT``, proves it holds its certified key, installs the common
@@ -21,6 +24,10 @@ fetches outstanding deliveries and follows the broker's primary). It checks the
 device's chain against the manufacturer roots and CRLs, its identification info
 and key hash against the pairing code, and its proof of possession; only then is
 the common key sent, sealed to the device's key.
+
+With ``--from-inventory SERIAL`` instead of ``--code``, the identity to check is the
+broker's inventory record of that device (``inventory-add``, run on the broker
+host), fetched with the controller's signed request; the checks are the same.
 
 With ``--crl-from-broker`` the controller also takes the manufacturer CRLs the
 broker publishes (``crl-publish``, run on the broker host), keeping only those that
@@ -51,7 +58,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from keybroker.errors import KeybrokerError, KeysetError
+from keybroker.errors import KeybrokerError, KeysetError, NotFound
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -59,6 +66,7 @@ if TYPE_CHECKING:
 
     from cryptography import x509
 
+    from keybroker.flows.pairing.code import PairingCode
     from keybroker.flows.pairing.protocol import Event, PairingRefused
     from keybroker.flows.pairing.rekey import RepairResult
     from keybroker.keys import Keyset
@@ -202,20 +210,35 @@ def _from_broker(  # noqa: PLR0917 - one per CLI option
     sync: bool,
     crl_roots: Sequence[x509.Certificate] | None,
     now: datetime,
-) -> tuple[Keyset, int, tuple[x509.CertificateRevocationList, ...]]:
-    """The common keyset and version to send and, with ``crl_roots``, the broker's CRLs
-    that verify under those roots (one connection to the broker, if any is needed)."""
+    inventory_serial: str | None = None,
+) -> tuple[Keyset, int, tuple[x509.CertificateRevocationList, ...], PairingCode | None]:
+    """The common keyset and version to send, with ``crl_roots`` the broker's CRLs that
+    verify under those roots, and with ``inventory_serial`` the broker's inventory record
+    of that device (one connection to the broker, if any is needed)."""
     from keybroker.client.principal import PrincipalClient
     from keybroker.flows.pairing.crls import fetch_trusted_crls
+    from keybroker.flows.pairing.inventory import fetch_inventory_code
     from keybroker.keys import CONSUMING_STATES
 
     passphrase = os.environ.get(PASSPHRASE_ENV)
     if passphrase is None:
         raise _fail(f"set ${PASSPHRASE_ENV} to the keyring's passphrase")
 
-    async def load() -> tuple[Keyset, int | None, tuple[x509.CertificateRevocationList, ...]]:
+    async def load() -> tuple[
+        Keyset, int | None, tuple[x509.CertificateRevocationList, ...], PairingCode | None
+    ]:
         client = PrincipalClient.open(keyring, passphrase=passphrase)
         async with client:
+            recorded = None
+            if inventory_serial is not None:
+                try:
+                    recorded = await fetch_inventory_code(client, inventory_serial)
+                except NotFound:
+                    raise _fail(
+                        f"the broker has no inventory record for device serial {inventory_serial}"
+                        " (pair inventory-add on the broker host, or use --code)"
+                    ) from None
+                out.print(f"inventory record at the broker: {recorded.to_uri()}")
             primary = None
             if sync:
                 await client.receive()
@@ -229,9 +252,9 @@ def _from_broker(  # noqa: PLR0917 - one per CLI option
                     err.print(f"[yellow]ignored:[/yellow] {escape(why)}")
                 out.print(f"{len(verdict.kept)} CRL(s) from the broker verified")
                 kept = verdict.kept
-            return client.keyset(keyset), primary, kept
+            return client.keyset(keyset), primary, kept, recorded
 
-    common, primary, fetched = asyncio.run(load())
+    common, primary, fetched, recorded = asyncio.run(load())
     if version is None:
         version = primary
     if version is None:
@@ -240,7 +263,7 @@ def _from_broker(  # noqa: PLR0917 - one per CLI option
         version = local.version if local is not None else max(usable, default=None)
     if version is None:
         raise _fail(f"keyset {keyset!r} has no usable version in {keyring}")
-    return common, version, fetched
+    return common, version, fetched, recorded
 
 
 def _revocation_args(
@@ -257,9 +280,6 @@ def _revocation_args(
 @pair_app.command("controller")
 def controller(  # noqa: PLR0917 - one parameter per option
     connect: Annotated[str, typer.Option(help="the device's HOST:PORT", show_default=False)],
-    code: Annotated[
-        str, typer.Option(help="the device's pairing code (keybroker-pair:…)", show_default=False)
-    ],
     trust_root: Annotated[
         list[Path],
         typer.Option(help="manufacturer root certificate (PEM; repeatable)", show_default=False),
@@ -271,6 +291,17 @@ def controller(  # noqa: PLR0917 - one parameter per option
     keyset: Annotated[
         str, typer.Option(help="the common keyset to send, e.g. pairing/home", show_default=False)
     ],
+    code: Annotated[
+        str | None,
+        typer.Option(help="the device's pairing code (keybroker-pair:…)", show_default=False),
+    ] = None,
+    from_inventory: Annotated[
+        str | None,
+        typer.Option(
+            help="instead of --code: the serial of the broker's inventory record to check against",
+            show_default=False,
+        ),
+    ] = None,
     crl: Annotated[
         list[Path] | None,
         typer.Option(help="CRL of the root or an intermediate (PEM or DER; repeatable)"),
@@ -307,7 +338,8 @@ def controller(  # noqa: PLR0917 - one parameter per option
         typer.Option(help="record of paired devices [default: <keyring>.devices.json]"),
     ] = None,
 ) -> None:
-    """Verify a device against its pairing code and send it the common key."""
+    """Verify a device against its pairing code (or the broker's inventory record) and send
+    it the common key."""
     from keybroker.flows.pairing.code import PairingCode
     from keybroker.flows.pairing.controller import pair_with_device, utc_now
     from keybroker.flows.pairing.protocol import Controller
@@ -316,15 +348,25 @@ def controller(  # noqa: PLR0917 - one parameter per option
     from keybroker.pki import load_certificates, load_crl
 
     host, port = _address(connect)
+    if (code is None) == (from_inventory is None):
+        raise _fail("give exactly one of --code and --from-inventory")
     _revocation_args(crl, crl_from_broker, no_revocation)
     try:
         record = PairedDevices.load(devices or default_record_path(keyring))
-        expected = PairingCode.from_uri(code)
+        given = PairingCode.from_uri(code) if code is not None else None
         roots = tuple(c for path in trust_root for c in load_certificates(_read(path, "root")))
         local_crls = tuple(load_crl(_read(p, "CRL")) for p in crl or ())
-        common, send_version, fetched = _from_broker(
-            keyring, keyset, version, sync, roots if crl_from_broker else None, utc_now()
+        common, send_version, fetched, recorded = _from_broker(
+            keyring,
+            keyset,
+            version,
+            sync,
+            roots if crl_from_broker else None,
+            utc_now(),
+            from_inventory,
         )
+        expected = given or recorded
+        assert expected is not None  # one of the two, checked above
         crls = None if no_revocation else local_crls + fetched
         policy = DevicePolicy(roots, crls, max_intermediates)
         machine = Controller(
@@ -563,6 +605,102 @@ def crl_publish(
         f"published CRL number {published.number} of {escape(published.name)} "
         f"({listed} revoked; next update {published.crl.next_update_utc:%Y-%m-%d %H:%M} UTC)"
     )
+
+
+# -- the broker's inventory (on the broker host) -----------------------------------------------
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option("--home", envvar="KEYBROKER_HOME", help="keybroker home [default: ./.keybroker]"),
+]
+OperatorOption = Annotated[
+    str | None,
+    typer.Option(help="who makes the change, for the log [default: the login name]"),
+]
+
+
+def _operator_name(given: str | None) -> str:
+    if given is not None:
+        return given
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "operator"
+
+
+@pair_app.command("inventory-add")
+def inventory_add(  # noqa: PLR0917 - one parameter per option
+    code: Annotated[
+        str | None,
+        typer.Option(help="the device's pairing code (keybroker-pair:…)", show_default=False),
+    ] = None,
+    serial: Annotated[str | None, typer.Option(help="instead of --code: serial number")] = None,
+    hardware_id: Annotated[str | None, typer.Option(help="… hardware id (MAC)")] = None,
+    model: Annotated[str | None, typer.Option(help="… model")] = None,
+    key_sha256: Annotated[
+        str | None, typer.Option(help="… SHA-256 of the device key's SPKI (hex)")
+    ] = None,
+    operator: OperatorOption = None,
+    home: HomeOption = None,
+) -> None:
+    """On the broker host: record a device, so controllers can pair it with --from-inventory.
+
+    Give its pairing code, or every one of --serial, --hardware-id, --model and
+    --key-sha256. The addition is a transparency-log entry.
+    """
+    from keybroker.broker.home import open_home
+    from keybroker.broker.service import Broker
+    from keybroker.flows.pairing.code import PairingCode
+    from keybroker.flows.pairing.inventory import Inventory
+    from keybroker.pki import DeviceIdentity
+    from keybroker.store.paths import default_home
+
+    fields = (serial, hardware_id, model, key_sha256)
+    if (code is None) == all(f is None for f in fields):
+        raise _fail("give --code, or --serial, --hardware-id, --model and --key-sha256")
+    try:
+        if code is not None:
+            if any(f is not None for f in fields):
+                raise _fail("give --code or the fields, not both")
+            device = PairingCode.from_uri(code)
+        else:
+            if any(f is None for f in fields) or key_sha256 is None:
+                raise _fail("give all of --serial, --hardware-id, --model and --key-sha256")
+            try:
+                digest = bytes.fromhex(key_sha256)
+            except ValueError:
+                raise _fail("--key-sha256 is 64 hex digits") from None
+            identity = DeviceIdentity(serial or "", hardware_id or "", model or "")
+            device = PairingCode(identity, digest)
+        with open_home(home or default_home()) as opened:
+            added = Inventory(Broker.from_home(opened)).add(device, _operator_name(operator))
+    except KeybrokerError as exc:
+        raise _fail(str(exc)) from None
+    out.print(
+        f"recorded {added.code.identity}: {added.code.to_uri()} (by {escape(added.added_by)})"
+    )
+
+
+@pair_app.command("inventory-remove")
+def inventory_remove(
+    serial: Annotated[str, typer.Option(help="the device's serial number", show_default=False)],
+    operator: OperatorOption = None,
+    home: HomeOption = None,
+) -> None:
+    """On the broker host: remove a device's inventory record (logged)."""
+    from keybroker.broker.home import open_home
+    from keybroker.broker.service import Broker
+    from keybroker.flows.pairing.inventory import Inventory
+    from keybroker.store.paths import default_home
+
+    try:
+        with open_home(home or default_home()) as opened:
+            removed = Inventory(Broker.from_home(opened)).remove(serial, _operator_name(operator))
+    except KeybrokerError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"removed {removed.code.identity}: {removed.code.to_uri()}")
 
 
 if __name__ == "__main__":
