@@ -68,7 +68,7 @@ from keybroker.flows.pushauth.protocol import (
     sign_server_keys,
     step,
 )
-from keybroker.keys import ED25519, HMAC_SHA256, X25519_HPKE, Keyset, PublicKeyset
+from keybroker.keys import ED25519, HMAC_SHA256, X25519_HPKE, Keyset, KeyTemplate, PublicKeyset
 from keybroker.keys.handles import HpkeHandle, MacHandle, SignerHandle
 from keybroker.pki import PrincipalId, fingerprint, load_certificate
 from keybroker.store.schema import pushauth_logins, pushauth_phones, pushauth_users
@@ -212,14 +212,12 @@ class PushAuthServer:
 
     # -- keys ---------------------------------------------------------------------------
 
-    def _load_or_create(self, name: str, template: object) -> Keyset:
+    def _load_or_create(self, name: str, template: KeyTemplate) -> Keyset:
         repo = self._ctx.keysets
-        try:
+        with contextlib.suppress(NotFound):
             return repo.load(name).keyset
-        except NotFound:
-            pass
         try:
-            return repo.create(Keyset.generate(name, template)).keyset  # type: ignore[arg-type]
+            return repo.create(Keyset.generate(name, template)).keyset
         except (Conflict, StoreError):
             # Another replica created it first: theirs is the one.
             return repo.load(name).keyset
