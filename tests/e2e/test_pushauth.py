@@ -24,7 +24,22 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from keybroker.errors import KeybrokerError
+from keybroker.flows.pushauth.messages import BusAnswer, Notice
+
 from .processes import KB, Procs, free_port, until
+
+
+def _kind(payload: bytes) -> str:
+    """What a message on one of our topics is, by its label: a notice, an answer, or other."""
+    for kind, message in (("notice", Notice), ("answer", BusAnswer)):
+        try:
+            message.decode(payload)
+        except KeybrokerError:
+            continue
+        return kind
+    return "other"
+
 
 MQTT_URL = os.environ.get("KEYBROKER_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
 NATS_URL = os.environ.get("KEYBROKER_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -267,15 +282,20 @@ async def test_push_login_over_a_real_notification_service(
     await asyncio.wait_for(spying, 20)
     procs.terminate("phone")
 
-    # What the eavesdropper saw: four sealed notices on one opaque topic, nothing readable.
+    # What the eavesdropper saw: sealed notices on the phone's opaque topic, sealed answers
+    # on the server's (approve, deny, fraud: the expired login had none), nothing readable.
     seen = spy.seen
     assert seen, "the eavesdropper saw nothing: it was not listening"
     ours = re.compile(r"kb[./][0-9a-f]{32}")
-    phone_topic = {t for t, p in seen if len(p) > 300 and ours.fullmatch(t)}
-    assert len(phone_topic) == 1, phone_topic
-    (only,) = phone_topic
-    notices = [p for t, p in seen if t == only]
-    assert len(notices) >= 4
+    by_topic: dict[str, list[bytes]] = {}
+    for topic_name, payload in seen:
+        if len(payload) > 300 and ours.fullmatch(topic_name):
+            by_topic.setdefault(topic_name, []).append(payload)
+    kinds = {topic_name: {_kind(p) for p in ps} for topic_name, ps in by_topic.items()}
+    assert sorted(map(sorted, kinds.values())) == [["answer"], ["notice"]], kinds
+    (notices,) = [ps for t, ps in by_topic.items() if kinds[t] == {"notice"}]
+    (answers,) = [ps for t, ps in by_topic.items() if kinds[t] == {"answer"}]
+    assert len(notices) >= 4 and len(answers) >= 3, (len(notices), len(answers))
     words = [b"alice", b"127.0.0.1", b"service/term1", b"term1", b"ssh", b"device/", b"phone-"]
     for topic_name, payload in seen:
         for word in words:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +43,11 @@ from keybroker.api.signatures import NonceCache
 from keybroker.broker import Broker
 from keybroker.flows.pushauth.server import PushAuthServer
 
+logger = logging.getLogger("keybroker.api")
+
+#: How long start-up waits for the push answers subscription before serving anyway.
+ANSWERS_STARTUP_SECONDS = 10
+
 DESCRIPTION = """\
 The keybroker trusted party over HTTPS.
 
@@ -56,6 +63,25 @@ The keybroker trusted party over HTTPS.
 
 def _operation_id(route: APIRoute) -> str:
     return route.name
+
+
+async def _until_listening(listening: asyncio.Event, task: asyncio.Task[None]) -> None:
+    """Wait until the push answers listener is subscribed (phones are told to publish
+    there as soon as the API is up); if it fails first, raise its error. After
+    ``ANSWERS_STARTUP_SECONDS`` serve anyway: it keeps trying, and phones whose answer
+    on the bus is not taken post it over HTTPS."""
+    waiting = asyncio.ensure_future(listening.wait())
+    done, _ = await asyncio.wait(
+        {waiting, task}, timeout=ANSWERS_STARTUP_SECONDS, return_when=asyncio.FIRST_COMPLETED
+    )
+    waiting.cancel()
+    if task in done:
+        task.result()
+    elif not done:
+        logger.warning(
+            "not yet subscribed to the push answers topic after %d s; serving anyway",
+            ANSWERS_STARTUP_SECONDS,
+        )
 
 
 def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
@@ -76,6 +102,12 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
             from keybroker.bus import open_bus
 
             ctx.push_bus = await open_bus(settings.bus_url)
+            listening = asyncio.Event()
+            app.state.push_answers = asyncio.create_task(
+                pushauth.listen_for_answers(ctx, ctx.push_bus, listening),
+                name="pushauth-answers",
+            )
+            await _until_listening(listening, app.state.push_answers)
         if settings.rotation_interval > 0:
             app.state.rotation_loop = RotationLoop(ctx, settings.rotation_interval).start()
         try:
@@ -87,6 +119,11 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
             if ctx.wakeups is not None:
                 await ctx.wakeups.close()
                 ctx.wakeups = None
+            if app.state.push_answers is not None:
+                app.state.push_answers.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await app.state.push_answers
+                app.state.push_answers = None
             if ctx.push_bus is not None:
                 await ctx.push_bus.close()
                 ctx.push_bus = None
@@ -116,6 +153,7 @@ def create_app(broker: Broker, settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.metrics = registry
     app.state.rotation_loop = None
+    app.state.push_answers = None
     install_handlers(app)
     routers = (
         system,

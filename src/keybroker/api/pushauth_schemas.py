@@ -71,6 +71,11 @@ class PhoneOut(Response):
     device: str
     topic: str = Field(description="the phone's notification topic (opaque)")
     notification: Notification = Field(description="what the server publishes on")
+    answers_topic: str | None = Field(
+        default=None,
+        description="where to publish sealed answers on the same service (opaque); "
+        "absent without a notification service: post them to /v1/pushauth/answers",
+    )
 
 
 class NoticesOut(Response):

@@ -20,7 +20,13 @@ from keybroker.errors import (
     KeybrokerError,
     RemoteProtocolError,
 )
-from keybroker.flows.pushauth.messages import Challenge, Notice, ServerKeys, SessionClaims
+from keybroker.flows.pushauth.messages import (
+    BusAnswer,
+    Challenge,
+    Notice,
+    ServerKeys,
+    SessionClaims,
+)
 from keybroker.flows.pushauth.protocol import (
     FINAL_STATES,
     TRANSITIONS,
@@ -31,11 +37,13 @@ from keybroker.flows.pushauth.protocol import (
     PushPolicy,
     ServerPublic,
     build_challenge,
+    bus_answer,
     issue_token,
     judge_answer,
     make_answer,
     new_number,
     open_notice,
+    read_bus_answer,
     sign_server_keys,
     step,
     verify_server_keys,
@@ -298,6 +306,31 @@ def test_fuzz_notice_envelopes_with_garbage_inside(cid: bytes, sealed: bytes) ->
             server=keys.server,
             now_ms=NOW,
         )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000))
+def test_fuzz_bus_answers_raise_only_decode_errors_or_come_apart_as_sent(data: bytes) -> None:
+    try:
+        challenge_id, sealed = read_bus_answer(data)
+    except DecodeError:
+        return
+    # What reads back is exactly an envelope of this shape, and it encodes to the input.
+    assert len(challenge_id) == 16 and len(sealed) <= 2048
+    assert BusAnswer(challenge_id, sealed).encode() == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=16, max_size=16), st.binary(max_size=2048))
+def test_bus_answer_envelopes_round_trip_and_refuse_other_shapes(cid: bytes, sealed: bytes) -> None:
+    c, _ = _FUZZ_CHALLENGE
+    assert read_bus_answer(bus_answer(replace(c, challenge_id=cid), sealed)) == (cid, sealed)
+    with pytest.raises(DecodeError):
+        read_bus_answer(BusAnswer(cid[:15], sealed).encode())
+    with pytest.raises(DecodeError):
+        read_bus_answer(BusAnswer(cid, sealed + b"\x00" * 2049).encode())
+    with pytest.raises(DecodeError):  # a notice is not an answer, though shaped alike
+        read_bus_answer(Notice(cid, sealed).encode())
 
 
 _FUZZ_KEYS = Keys()

@@ -15,12 +15,30 @@ import pytest
 from api_kit import URL, Env, raw_rows
 
 from keybroker.api.pushauth_schemas import AnswerIn, AnswerOut
+from keybroker.api.routes.pushauth import listen_for_answers
 from keybroker.broker.events import to_ms
+from keybroker.bus import MemoryBus
+from keybroker.bus.interface import Bus
 from keybroker.client import PrincipalClient
-from keybroker.errors import AuthorizationError, CryptoError, KeybrokerError, RemoteProtocolError
-from keybroker.flows.pushauth.messages import LOG_ENTRIES, Challenge, LoginDecided, UserLockChanged
+from keybroker.errors import (
+    AuthorizationError,
+    CryptoError,
+    DecodeError,
+    KeybrokerError,
+    NotFound,
+    RemoteProtocolError,
+)
+from keybroker.flows.pushauth.messages import (
+    LOG_ENTRIES,
+    AnswerTaken,
+    BusAnswer,
+    Challenge,
+    LoginDecided,
+    Notice,
+    UserLockChanged,
+)
 from keybroker.flows.pushauth.phone import Decision, Phone, enrol_phone
-from keybroker.flows.pushauth.protocol import LoginState, make_answer
+from keybroker.flows.pushauth.protocol import LoginState, bus_answer, make_answer
 from keybroker.flows.pushauth.server import PushAuthServer, ca_fingerprint
 from keybroker.flows.pushauth.terminal import LoginResult, push_login
 from keybroker.keys import SECRET_ACCESS
@@ -301,3 +319,154 @@ async def test_logins_above_the_rate_limit_are_refused_and_logged(env: Env) -> N
     login.result.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await login.result
+
+
+# -- answers on the notification service ---------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def on_a_bus(env: Env, *, listening: bool = True) -> AsyncIterator[MemoryBus]:
+    """The API with a notification service (one in-process bus its phones share), and the
+    server taking answers from it unless ``listening`` is false."""
+    bus = MemoryBus()
+    ctx = env.app.state.keybroker
+    ctx.push_bus = bus
+    ready = asyncio.Event()
+    task = asyncio.create_task(listen_for_answers(ctx, bus, ready)) if listening else None
+    if task is not None:
+        await asyncio.wait_for(ready.wait(), 10)
+    try:
+        yield bus
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        ctx.push_bus = None
+
+
+def _decoded(payload: bytes) -> Notice | AnswerTaken:
+    try:
+        return Notice.decode(payload)
+    except KeybrokerError:
+        return AnswerTaken.decode(payload)
+
+
+async def bus_phone(env: Env, user: str, bus: MemoryBus, fallback_after: float = 3.0) -> Phone:
+    plain = await phone_for(env, user)
+
+    async def shared(_url: str) -> Bus:
+        return bus
+
+    return Phone(
+        plain.client,
+        bus_url="memory://",
+        wait=5,
+        clock_ms=lambda: to_ms(env.clock()),
+        fallback_after=fallback_after,
+        bus_opener=shared,
+    )
+
+
+@pytest.mark.parametrize("listening", [True, False], ids=["taken-from-the-bus", "posted-later"])
+async def test_a_phone_on_a_bus_answers_there_and_posts_only_what_the_server_did_not_take(
+    env: Env, listening: bool
+) -> None:
+    async with on_a_bus(env, listening=listening) as bus:
+        phone = await bus_phone(env, "hana", bus, fallback_after=0.2)
+        where = await phone.where()
+        assert where.answers_topic is not None and where.answers_topic.startswith("kb.")
+        assert "hana" not in where.answers_topic and where.answers_topic != where.topic
+        # Anyone can publish there: what is not an answer is refused and the server listens on.
+        await bus.publish(where.answers_topic, b"not an answer")
+        terminal = await env.enrolled("service/term1")
+        numbers: dict[str, str] = {}
+        shown = asyncio.Event()
+
+        async def approve(_challenge: Challenge) -> Decision:
+            await asyncio.wait_for(shown.wait(), 10)
+            return ("approve", numbers["n"])
+
+        async with bus.subscribe(where.topic) as spy, running(phone, approve):
+            login = start(env, terminal, "hana")
+            numbers["n"] = await asyncio.wait_for(login.number, 10)
+            shown.set()
+            result = await asyncio.wait_for(login.result, 20)
+            await asyncio.sleep(0.4)  # past the fallback's check
+            kinds = []
+            while True:
+                try:
+                    message = await asyncio.wait_for(anext(spy), 0.1)
+                except TimeoutError:
+                    break
+                kinds.append(type(_decoded(message.payload)).__name__)
+        # On the phone's topic: its notice, then the server's receipt if it took the answer.
+        assert kinds == (["Notice", "AnswerTaken"] if listening else ["Notice"])
+        assert result.state is LoginState.APPROVED and result.claims is not None
+        assert (phone.stats.answered_on_bus, phone.stats.fell_back) == (
+            (1, 0) if listening else (1, 1)
+        )
+        # Posted over HTTPS as well only when the server did not take it from the bus.
+        assert phone.stats.answered == (1 if listening else 2)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["replayed", "other-session", "other-phone", "forged", "oversized", "garbage", "unknown"],
+)
+async def test_refused_answers_from_the_bus_change_nothing(env: Env, case: str) -> None:
+    phone = await phone_for(env, "ivan")
+    other = await phone_for(env, "jane")
+    terminal = await env.enrolled("service/term1")
+    server = server_of(env)
+    first = start(env, terminal, "ivan")
+    number = await asyncio.wait_for(first.number, 10)
+    challenge = await next_challenge(phone)
+    keys = await phone.server()
+
+    def sealed_by(who: Phone, c: Challenge, decision: str = "approve") -> bytes:
+        return make_answer(
+            c,
+            decision=decision,
+            number=number,
+            now_ms=to_ms(env.clock()),
+            identity_key=who.client.keyring.identity.signer().private_key(SECRET_ACCESS),
+            server=keys,  # type: ignore[arg-type]
+        )
+
+    target = challenge
+    if case == "replayed":
+        earlier = bus_answer(challenge, sealed_by(phone, challenge, "deny"))
+        server.answer_from_bus(earlier)
+        await asyncio.wait_for(first.result, 10)
+        second = start(env, terminal, "ivan")
+        number = await asyncio.wait_for(second.number, 10)
+        target = await next_challenge(phone)
+        moved = BusAnswer(target.challenge_id, BusAnswer.decode(earlier).sealed).encode()
+        payloads = [(earlier, RemoteProtocolError), (moved, CryptoError)]
+    elif case == "other-session":
+        start(env, terminal, "jane")
+        foreign = await next_challenge(other)
+        sealed = sealed_by(phone, challenge)
+        payloads = [(BusAnswer(foreign.challenge_id, sealed).encode(), CryptoError)]
+    elif case == "other-phone":
+        payloads = [(bus_answer(challenge, sealed_by(other, challenge)), CryptoError)]
+    elif case == "forged":
+        sealed = bytearray(sealed_by(phone, challenge))
+        sealed[-5] ^= 1
+        payloads = [(bus_answer(challenge, bytes(sealed)), CryptoError)]
+    elif case == "oversized":
+        payloads = [(bus_answer(challenge, b"\x00" * 3000), DecodeError)]
+    elif case == "garbage":
+        payloads = [(b"\xff" * 40, DecodeError), (b"", DecodeError)]
+    else:
+        gone = BusAnswer(b"\x01" * 16, sealed_by(phone, challenge)).encode()
+        payloads = [(gone, NotFound)]
+    before = env.dump()
+    for payload, error in payloads:
+        with pytest.raises(error):
+            server.answer_from_bus(payload)
+    assert env.dump() == before
+    # The session is still open for its own phone's answer, taken from the bus.
+    status = server.answer_from_bus(bus_answer(target, sealed_by(phone, target)))
+    assert status.state is LoginState.APPROVED

@@ -7,7 +7,9 @@
 * a **phone** (the ``device/…`` principal registered for the user) asks where
   to listen (``GET /v1/pushauth/phone``), receives notices on the notification
   service — or long-polls ``GET /v1/pushauth/notices`` when the broker has no
-  bus — and posts its sealed answer to ``POST /v1/pushauth/answers``;
+  bus — and publishes its sealed answer on the server's answers topic
+  (:func:`listen_for_answers`) or, without a bus, posts it to
+  ``POST /v1/pushauth/answers``;
 * ``GET /v1/pushauth/server-keys`` (public) gives the push keys, signed by the
   broker CA key the phone pinned.
 
@@ -43,8 +45,10 @@ from keybroker.api.pushauth_schemas import (
     ServerKeysOut,
 )
 from keybroker.api.routes._common import PUBLIC, SIGNED
-from keybroker.errors import KeybrokerError, RemoteProtocolError
-from keybroker.flows.pushauth.protocol import LoginState
+from keybroker.bus.interface import Bus
+from keybroker.errors import KeybrokerError, RemoteProtocolError, TransportError
+from keybroker.flows.pushauth.messages import AnswerTaken
+from keybroker.flows.pushauth.protocol import LoginState, read_bus_answer
 from keybroker.flows.pushauth.server import LoginStatus, PushAuthServer
 
 logger = logging.getLogger("keybroker.api.pushauth")
@@ -184,8 +188,12 @@ async def login_status(
     summary="Where the calling phone receives its notices",
 )
 def phone(ctx: Context, device: Principal) -> PhoneOut:
-    topic = _server(ctx).phone_topic(device)
-    return PhoneOut(device=str(device), topic=topic, notification=_notification(ctx))
+    server = _server(ctx)
+    topic = server.phone_topic(device)
+    answers = server.answers_topic() if ctx.push_bus is not None else None
+    return PhoneOut(
+        device=str(device), topic=topic, notification=_notification(ctx), answers_topic=answers
+    )
 
 
 @router.get(
@@ -228,4 +236,56 @@ async def answer(body: AnswerIn, ctx: Context, device: Principal) -> AnswerOut:
     return AnswerOut(session_id=status.session_id, state=status.state.value, reason=status.reason)
 
 
-__all__ = ["CHALLENGE_ID_PATTERN", "router"]
+async def listen_for_answers(ctx: ApiContext, bus: Bus, ready: asyncio.Event) -> None:
+    """Judge the answers phones publish on the answers topic until cancelled.
+
+    The subscription is not durable: an answer published while no replica listens is
+    lost, and the phone posts it to ``POST /v1/pushauth/answers`` when it sees the
+    challenge still open (:class:`~keybroker.flows.pushauth.phone.Phone`). Every replica
+    listening judges every answer; the compare-and-set on the login's state lets one
+    decide, the others find it decided. A message that fails a check changes nothing
+    and is logged by its error's type only (it may be anyone's)."""
+    server = _server(ctx)
+    topic = await run_in_threadpool(server.answers_topic)
+    receipts: set[asyncio.Task[None]] = set()
+    while True:
+        try:
+            async with bus.subscribe(topic) as answers:
+                ready.set()
+                async for message in answers:
+                    receipt = await _judge_bus_answer(ctx, server, bus, message.payload)
+                    if receipt is not None:
+                        receipts.add(receipt)
+                        receipt.add_done_callback(receipts.discard)
+            return  # the bus was closed: the server is stopping
+        except TransportError as exc:
+            # Phones fall back to HTTPS meanwhile; nothing is decided without us.
+            logger.warning("answers topic lost (%s); subscribing again in 1 s", exc)
+            await asyncio.sleep(1)
+
+
+async def _judge_bus_answer(
+    ctx: ApiContext, server: PushAuthServer, bus: Bus, payload: bytes
+) -> asyncio.Task[None] | None:
+    """Judge one answer; wake its terminal; return the task sending the phone its receipt."""
+    try:
+        status = await run_in_threadpool(server.answer_from_bus, payload)
+    except KeybrokerError as exc:
+        logger.info("an answer from the bus was refused (%s)", type(exc).__name__)
+        return None
+    ctx.keyed.wake(_login_key(status.session_id))
+    if status.device is None:  # pragma: no cover - an answer always names its phone
+        return None
+    challenge_id = read_bus_answer(payload)[0]
+    return asyncio.create_task(_receipt(bus, server.topic_of(status.device), challenge_id))
+
+
+async def _receipt(bus: Bus, topic: str, challenge_id: bytes) -> None:
+    try:
+        await bus.publish(topic, AnswerTaken(challenge_id).encode())
+    except KeybrokerError as exc:
+        # The phone will post the answer again over HTTPS and be told it is decided.
+        logger.info("no receipt for an answer taken from the bus (%s)", type(exc).__name__)
+
+
+__all__ = ["CHALLENGE_ID_PATTERN", "listen_for_answers", "router"]

@@ -334,14 +334,17 @@ def phone_run(
                 how += f" (the broker publishes on {where.notification}: pass --bus to use it)"
             if where.notification == "long-poll":
                 how += " (no notification service on the broker)"
+            elif bus and where.answers_topic is not None:
+                how += "; answers go back on it (over HTTPS if the broker does not take them)"
             ready = asyncio.Event()
             task = asyncio.create_task(phone.run(ask, stop, ready=ready))
             await ready.wait()
             out.print(f"{phone.device} ready: listening on {how}", highlight=False)
             await task
             out.print(
-                f"stopped: {phone.stats.shown} shown, {phone.stats.answered} answered, "
-                f"{phone.stats.dropped} dropped"
+                f"stopped: {phone.stats.shown} shown, {phone.stats.answered} answered "
+                f"({phone.stats.answered_on_bus} on the bus, {phone.stats.fell_back} of them "
+                f"posted again over HTTPS), {phone.stats.dropped} dropped"
             )
 
     asyncio.run(run())

@@ -3,10 +3,13 @@
 What travels where::
 
     server ──bus──▶ phone    Notice{challenge_id, HPKE(phone, SignedChallenge)}
-    phone ──HTTP──▶ server   challenge_id + HPKE(server, SignedAnswer)
+    phone ──bus──▶ server    BusAnswer{challenge_id, HPKE(server, SignedAnswer)}
+    server ──bus──▶ phone    AnswerTaken{challenge_id}   (else the phone posts it)
+    phone ──HTTP──▶ server   challenge_id + HPKE(server, SignedAnswer)  (no bus, or fallback)
     server ──HTTP─▶ terminal HPKE(terminal, SessionToken)   only to the terminal that asked
 
-A :class:`Notice` is all the notification service sees: a random 16-byte
+A :class:`Notice`, a :class:`BusAnswer` and an :class:`AnswerTaken` are all the
+notification service sees: a random 16-byte
 challenge id (it appears nowhere else: not in the session id the terminal
 holds, not in the log) and ciphertext. HPKE ``info`` binds the recipient
 principal and the challenge id (:func:`challenge_info`, :func:`answer_info`),
@@ -94,11 +97,34 @@ class SignedChallenge(Message):
 
 @dataclass(frozen=True)
 class Notice(Message):
-    """The only thing published on the notification service."""
+    """What the server publishes on the notification service for a phone."""
 
     LABEL: ClassVar[str] = _label("notice")
     challenge_id: bytes
     sealed: bytes
+
+
+@dataclass(frozen=True)
+class BusAnswer(Message):
+    """A phone's answer published on the server's answers topic: the same sealed answer
+    it would post to ``POST /v1/pushauth/answers``. Nothing but the phone's signature
+    inside the seal says who sent it, and that is what the server checks."""
+
+    LABEL: ClassVar[str] = _label("bus-answer")
+    challenge_id: bytes
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class AnswerTaken(Message):
+    """The server's receipt for an answer it took from the bus, on the phone's topic.
+
+    It is not signed: it only tells the phone not to post the same answer over HTTPS.
+    A forged one can suppress that fallback, but whoever can forge it on the bus can as
+    well drop the answer and the notices: nothing it does decides a login."""
+
+    LABEL: ClassVar[str] = _label("answer-taken")
+    challenge_id: bytes
 
 
 #: What a phone may answer.

@@ -11,6 +11,13 @@ opened and checked by
 our server, not expired); a notice that fails any check is dropped and
 counted, never shown. Each challenge is shown once (ids are remembered) and
 answered at most once.
+
+On a bus whose server takes answers there (``GET /v1/pushauth/phone`` names the
+answers topic), the phone publishes its sealed answer on it: one hop instead of a
+signed HTTPS request. The server sends a receipt on the phone's topic; without one
+within :data:`FALLBACK_AFTER` seconds the phone asks the broker whether the challenge
+is still open and, if it is, posts the answer over HTTPS (a login is decided once: a
+second answer is refused).
 """
 
 from __future__ import annotations
@@ -32,11 +39,13 @@ import httpx
 from keybroker.api.pushauth_schemas import AnswerIn, AnswerOut, NoticesOut, PhoneOut, ServerKeysOut
 from keybroker.api.settings import utc_now
 from keybroker.bus import open_bus
+from keybroker.bus.interface import Bus
 from keybroker.client.principal import PrincipalClient
 from keybroker.errors import ConfigurationError, IdentityMismatch, KeybrokerError, TransportError
-from keybroker.flows.pushauth.messages import Challenge
+from keybroker.flows.pushauth.messages import AnswerTaken, Challenge
 from keybroker.flows.pushauth.protocol import (
     ServerPublic,
+    bus_answer,
     make_answer,
     open_notice,
     verify_server_keys,
@@ -144,8 +153,18 @@ async def enrol_phone(
 @dataclass
 class PhoneStats:
     shown: int = 0
+    #: Answers the phone sent: on the bus, or posted over HTTPS.
     answered: int = 0
+    #: Of those, answers published on the bus.
+    answered_on_bus: int = 0
+    #: Answers posted over HTTPS because the challenge was still open after one on the bus.
+    fell_back: int = 0
     dropped: int = 0
+
+
+#: After answering on the bus, how long a phone waits before checking that the server
+#: took the answer (and posting it over HTTPS if the challenge is still open).
+FALLBACK_AFTER: Final = 3.0
 
 
 class Phone:
@@ -158,10 +177,18 @@ class Phone:
         bus_url: str | None = None,
         wait: float = 30.0,
         clock_ms: Callable[[], int] = now_ms,
+        fallback_after: float = FALLBACK_AFTER,
+        bus_opener: Callable[[str], Awaitable[Bus]] = open_bus,
     ) -> None:
         self.client = client
         self.bus_url = bus_url
         self.wait = wait
+        self.fallback_after = fallback_after
+        self._open_bus = bus_opener
+        #: While listening on a bus whose server takes answers there: (bus, answers topic).
+        self._answers: tuple[Bus, str] | None = None
+        #: Receipts awaited for answers published on the bus, by challenge id.
+        self._receipts: dict[bytes, asyncio.Event] = {}
         self._clock_ms = clock_ms
         self._server: ServerPublic | None = None
         self._seen: OrderedDict[bytes, None] = OrderedDict()
@@ -208,8 +235,8 @@ class Phone:
         self.stats.shown += 1
         return challenge
 
-    async def answer(self, challenge: Challenge, decision: str, number: str = "") -> AnswerOut:
-        sealed = make_answer(
+    async def _sealed_answer(self, challenge: Challenge, decision: str, number: str) -> bytes:
+        return make_answer(
             challenge,
             decision=decision,
             number=number,
@@ -217,10 +244,61 @@ class Phone:
             identity_key=self._identity,  # type: ignore[arg-type]
             server=await self.server(),
         )
+
+    async def answer(self, challenge: Challenge, decision: str, number: str = "") -> AnswerOut:
+        """Post the answer over HTTPS and return how the server decided."""
+        sealed = await self._sealed_answer(challenge, decision, number)
         body = AnswerIn(challenge_id=challenge.challenge_id.hex(), sealed=sealed)
         out = await self.client.call(AnswerOut, "POST", "/v1/pushauth/answers", body=body)
         self.stats.answered += 1
         return out
+
+    async def publish_answer(
+        self, bus: Bus, topic: str, challenge: Challenge, decision: str, number: str = ""
+    ) -> None:
+        """Publish the answer on the server's answers topic (no reply comes back: the
+        terminal learns the outcome). :class:`TransportError` if the bus refused it."""
+        sealed = await self._sealed_answer(challenge, decision, number)
+        await bus.publish(topic, bus_answer(challenge, sealed))
+        self.stats.answered += 1
+        self.stats.answered_on_bus += 1
+
+    async def _still_open(self, notice: bytes) -> bool:
+        return notice in await self.pending(0)
+
+    async def _answer_on_bus(
+        self, answers: tuple[Bus, str], notice: bytes, challenge: Challenge, decision: Decision
+    ) -> None:
+        assert decision is not None
+        bus, topic = answers
+        taken = self._receipts[challenge.challenge_id] = asyncio.Event()
+        try:
+            try:
+                await self.publish_answer(bus, topic, challenge, *decision)
+            except TransportError as exc:
+                logger.warning("could not publish our answer (%s); posting it", exc)
+            else:
+                # The server sends a receipt on our topic. Without one in time, ask whether
+                # the challenge is still open (the receipt may be what was lost).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(taken.wait(), self.fallback_after)
+                    return
+                if not await self._still_open(notice):
+                    return
+                logger.warning("the server did not take our answer from the bus; posting it")
+                self.stats.fell_back += 1
+        finally:
+            self._receipts.pop(challenge.challenge_id, None)
+        await self.answer(challenge, *decision)
+
+    def _received(self, payload: bytes, handler: Handler) -> None:
+        """A message on our topic: a receipt for an answer, else a notice to open."""
+        with contextlib.suppress(KeybrokerError):
+            waiting = self._receipts.get(AnswerTaken.decode(payload).challenge_id)
+            if waiting is not None:
+                waiting.set()
+            return
+        self._spawn(payload, handler)
 
     async def pending(self, wait: float = 0) -> list[bytes]:
         found = await self.client.call(NoticesOut, "GET", "/v1/pushauth/notices", wait=wait)
@@ -234,7 +312,10 @@ class Phone:
         if decision is None:
             return
         try:
-            await self.answer(challenge, *decision)
+            if self._answers is not None:
+                await self._answer_on_bus(self._answers, notice, challenge, decision)
+            else:
+                await self.answer(challenge, *decision)
         except KeybrokerError as exc:
             logger.warning("the server refused our answer: %s", exc)
 
@@ -285,8 +366,11 @@ class Phone:
         self, handler: Handler, stop: asyncio.Event, ready: asyncio.Event | None
     ) -> None:
         assert self.bus_url is not None
-        topic = (await self.where()).topic
-        async with await open_bus(self.bus_url) as bus, bus.subscribe(topic) as sub:
+        where = await self.where()
+        topic = where.topic
+        async with await self._open_bus(self.bus_url) as bus, bus.subscribe(topic) as sub:
+            if where.answers_topic is not None:
+                self._answers = (bus, where.answers_topic)
             # Anything published before we subscribed is still open at the broker.
             for notice in await self.pending(0):
                 self._spawn(notice, handler)
@@ -316,6 +400,7 @@ class Phone:
                         message = receive.result()
                     except StopAsyncIteration:
                         break
-                    self._spawn(message.payload, handler)
+                    self._received(message.payload, handler)
             finally:
                 stopped.cancel()
+                self._answers = None

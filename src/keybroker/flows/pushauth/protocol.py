@@ -54,6 +54,7 @@ from keybroker.flows.pushauth.messages import (
     MAX_TOKEN_BYTES,
     NONCE_BYTES,
     Answer,
+    BusAnswer,
     Challenge,
     Notice,
     ServerKeys,
@@ -410,3 +411,24 @@ def make_answer(
     body = answer.encode()
     signed = SignedAnswer(body, sign_with_identity(identity_key, body)).encode()
     return server.hpke.seal(signed, answer_info(challenge.device, challenge.challenge_id))
+
+
+#: Largest answer the server takes from the bus: a sealed answer and its challenge id.
+MAX_BUS_ANSWER_BYTES: Final = MAX_SEALED_ANSWER_BYTES + 64
+
+
+def bus_answer(challenge: Challenge, sealed: bytes) -> bytes:
+    """What a phone publishes on the server's answers topic for ``sealed``
+    (:func:`make_answer`'s output): the challenge id and the sealed answer, nothing else."""
+    return BusAnswer(challenge.challenge_id, sealed).encode()
+
+
+def read_bus_answer(payload: bytes) -> tuple[bytes, bytes]:
+    """``(challenge_id, sealed)`` from a message on the answers topic, or
+    :class:`DecodeError` (anyone may publish there: it is checked like a request body)."""
+    answer = _decode(BusAnswer, payload, MAX_BUS_ANSWER_BYTES)
+    if len(answer.challenge_id) != CHALLENGE_ID_BYTES:
+        raise DecodeError("a challenge id is 16 bytes")
+    if len(answer.sealed) > MAX_SEALED_ANSWER_BYTES:
+        raise DecodeError("the sealed answer is too large")
+    return answer.challenge_id, answer.sealed

@@ -64,6 +64,7 @@ from keybroker.flows.pushauth.protocol import (
     judge_answer,
     new_number,
     number_commitment,
+    read_bus_answer,
     request_digest,
     sign_server_keys,
     step,
@@ -85,6 +86,9 @@ MAX_APPLICATION: Final = 128
 MAX_ADDRESS: Final = 64
 #: Phones' topics share the bus prefix (the NATS stream covers ``kb.>``); the salt keeps them apart.
 TOPIC_PREFIX: Final = DEFAULT_PREFIX
+#: What the answers topic is derived from, as a phone's is from its principal id (no
+#: principal has this id: a principal's kind is site, node, device, service or user).
+ANSWERS_TOPIC_NAME: Final = "keybroker/pushauth/answers"
 
 
 class RateLimited(AuthorizationError):
@@ -159,6 +163,8 @@ class LoginStatus:
     expires_at: datetime
     #: The session token sealed to the terminal (approved logins only).
     sealed_token: bytes | None = field(default=None, repr=False)
+    #: The phone the challenge went to (set when an answer decided the login).
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -244,11 +250,14 @@ class PushAuthServer:
     def sign_public(self) -> PublicKeyset:
         return self.keys().sign.public_keyset()
 
-    def topic_of(self, device: str) -> str:
-        """The phone's notification topic: opaque, stable, no name in it."""
+    def _topic_salt(self) -> bytes:
         if self._salt is None:
             self._salt = self.keys().mac.compute_mac(b"keybroker/pushauth/topic-salt/v1")
-        return principal_topic(device, self._salt, prefix=TOPIC_PREFIX)
+        return self._salt
+
+    def topic_of(self, device: str) -> str:
+        """The phone's notification topic: opaque, stable, no name in it."""
+        return principal_topic(device, self._topic_salt(), prefix=TOPIC_PREFIX)
 
     # -- operators ------------------------------------------------------------------------
 
@@ -576,7 +585,9 @@ class PushAuthServer:
             self._write_lock(
                 conn, str(row.user), True, "fraud reported on the phone", now, session_id
             )
-        return LoginStatus(session_id, state, reason, row.expires_at, sealed_token)
+        return LoginStatus(
+            session_id, state, reason, row.expires_at, sealed_token, device=str(row.device)
+        )
 
     def _expire(self, session_id: str) -> None:
         now = self._ctx.now()
@@ -629,8 +640,28 @@ class PushAuthServer:
             )
             return [bytes(r.notice) for r in rows]
 
-    def answer(self, device: PrincipalId, challenge_id: bytes, sealed: bytes) -> LoginStatus:
-        """Judge a phone's sealed answer; decide the login or refuse with a typed error."""
+    def answers_topic(self) -> str:
+        """The topic phones publish their sealed answers on (one for the server, opaque)."""
+        return principal_topic(ANSWERS_TOPIC_NAME, self._topic_salt(), prefix=TOPIC_PREFIX)
+
+    def answer_from_bus(self, payload: bytes) -> LoginStatus:
+        """Judge an answer a phone published on :meth:`answers_topic`.
+
+        Anyone can publish there, so nothing about the sender is taken on trust: the
+        challenge id only finds the login, and the answer must open with the server's
+        key and carry the signature of the phone the challenge was sent to, exactly as
+        on ``POST /v1/pushauth/answers`` (which also authenticates the request). A
+        message that fails any check changes nothing and raises the same typed errors.
+        """
+        challenge_id, sealed = read_bus_answer(payload)
+        return self.answer(None, challenge_id, sealed)
+
+    def answer(self, device: PrincipalId | None, challenge_id: bytes, sealed: bytes) -> LoginStatus:
+        """Judge a phone's sealed answer; decide the login or refuse with a typed error.
+
+        ``device``: the principal whose signed request carried the answer, which must be
+        the challenge's phone; ``None`` for an answer from the bus, which only the
+        phone's signature inside the seal vouches for."""
         if not isinstance(challenge_id, bytes) or len(challenge_id) != 16:
             raise NotFound("no such challenge")
         keys = self.keys()
@@ -639,8 +670,9 @@ class PushAuthServer:
             row = self._row(conn, challenge_id=challenge_id)
             if row is None:
                 raise NotFound("no such challenge")
-            if str(device) != row.device:
+            if device is not None and str(device) != row.device:
                 raise AuthorizationError("this challenge was not sent to the calling phone")
+            caller = str(row.device) if device is None else str(device)
             creds = self._broker.principal_credentials(str(row.device), conn=conn)
             if creds.status != "active" or creds.certificate_der is None:
                 raise AuthorizationError(f"{row.device} is {creds.status} or has no certificate")
@@ -669,7 +701,7 @@ class PushAuthServer:
             event = judge_answer(
                 login,
                 sealed,
-                caller=str(device),
+                caller=caller,
                 server_hpke=keys.hpke,
                 device_key=device_key,
                 number_ok=number_ok,
