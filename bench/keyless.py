@@ -72,8 +72,11 @@ Figures (``docs/benchmarks.md``, ``## keyless``):
   only) installs ``nginx-light`` with ``apt-get`` first.
 
 **The key server alone** (``keyserver_*`` figures): the real ``keybroker keyserver
---workers 2 --pool thread`` (``--keyserver-pool``), loaded from one separate process with
-one mutual-TLS connection and ``--depth`` (64) requests in flight: a blocking ``ssl``
+--processes 2 --workers 1 --pool thread`` (``--keyserver-pool``; two pre-forked processes,
+the recommended deployment: one per core), loaded by one process per key-server process,
+each with one mutual-TLS connection and ``--depth`` (64) requests in flight; and, for
+information (``keyserver_single_*``), the same server as one process (``--workers 2``),
+loaded over one connection. Each load process uses a blocking ``ssl``
 socket, one ``recv`` for whatever answers have arrived, one ``sendall`` of as many new
 requests, framed by ``protocol.ClientConnection`` as the edge frames them (SKI, SNI, a
 SHA-256 digest, padded to 1,024 bytes) once per digest and sent with the request id
@@ -205,6 +208,9 @@ class KeyServer:
     address: str
     pid: int
     process: subprocess.Popen[str]
+    #: Key-server processes behind the listener (``--processes``): the load opens as many
+    #: connections, one each (the supervisor hands connections out in turn).
+    processes: int = 1
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -295,6 +301,7 @@ def start_keybroker_keyserver(
     *,
     workers: int = KEYSERVER_WORKERS,
     pool: str = "thread",
+    processes: int = 1,
     profile_to: Path | None = None,
 ) -> KeyServer:
     """The real ``keybroker keyserver`` in a subprocess: ``keys`` as a PEM key directory,
@@ -324,6 +331,7 @@ def start_keybroker_keyserver(
             "grants": grants,
             "workers": workers,
             "pool": pool,
+            "processes": processes,
             "log-level": "warning",
         }
         process = subprocess.Popen(
@@ -333,7 +341,8 @@ def start_keybroker_keyserver(
             stderr=sink,
             text=True,
         )
-    return KeyServer(read_ready_line(process, "keybroker keyserver", log), process.pid, process)
+    address = read_ready_line(process, "keybroker keyserver", log)
+    return KeyServer(address, process.pid, process, processes)
 
 
 def serve_test_keyserver(directory: Path) -> int:
@@ -1185,21 +1194,25 @@ def _collect(process: Any, out: Any, what: str, timeout: float) -> Any:
 
 
 def keyserver_window(setup: Setup, server: KeyServer, kind: str, digests: list[bytes]) -> OpsWindow:
-    """One window of the key server under ``--depth`` pipelined requests of one kind."""
+    """One window of the key server under ``--depth`` pipelined requests of one kind, on
+    one connection per key-server process."""
     args = setup.args
     leaf = setup.leaves[kind]
     begin = time.monotonic() + args.ks_warm
     end = begin + args.ks_slice
-    receiver, sender = FORK.Pipe(duplex=False)
-    process = FORK.Process(
-        target=_keyserver_load,
-        args=(server.address, setup.mtls, KEYSERVER_OPS[kind], ski_of(leaf.key.public_key()),
-              leaf.name, digests, args.depth, begin, end, sender),
-        name=f"keyserver-load-{kind}",
-        daemon=True,
-    )  # fmt: skip
-    process.start()
-    sender.close()
+    loads = []
+    for index in range(server.processes):
+        receiver, sender = FORK.Pipe(duplex=False)
+        process = FORK.Process(
+            target=_keyserver_load,
+            args=(server.address, setup.mtls, KEYSERVER_OPS[kind], ski_of(leaf.key.public_key()),
+                  leaf.name, digests, args.depth, begin, end, sender),
+            name=f"keyserver-load-{kind}-{index}",
+            daemon=True,
+        )  # fmt: skip
+        process.start()
+        sender.close()
+        loads.append((process, receiver))
     workers: list[int] = []
 
     def worker_cpu() -> float:
@@ -1211,16 +1224,20 @@ def keyserver_window(setup: Setup, server: KeyServer, kind: str, digests: list[b
             "loop": lambda: thread_cpu(server.pid)[0],
             "threads": lambda: thread_cpu(server.pid)[1],
             "workers": worker_cpu,
-            "load": lambda: cpu_of(int(process.pid)),
+            "load": lambda: sum(cpu_of(int(process.pid)) for process, _ in loads),
         },
         begin,
         end,
     )
-    count, errors, checked = _collect(process, receiver, "the key-server load", 30)
+    count = errors = 0
+    checked: list[tuple[bytes, bytes]] = []
+    for process, receiver in loads:
+        done, failed, sample = _collect(process, receiver, "the key-server load", 30)
+        count, errors, checked = count + done, errors + failed, checked + sample
     if errors:
         raise Broken(f"the key server answered {errors} {kind} requests with an error")
-    if not checked:
-        raise Broken(f"the key server answered no {kind} request")
+    if len(checked) < server.processes:
+        raise Broken(f"a {kind} connection to the key server got no answer")
     public = leaf.key.public_key()
     try:
         for digest, signature in checked:
@@ -1282,42 +1299,45 @@ def keyserver_compare(setup: Setup, server: KeyServer, kind: str, pairs: int) ->
     return result
 
 
-def keyserver_figures(kind: str, pair: KeyserverPair, args: argparse.Namespace) -> list[Figure]:
+def keyserver_figures(
+    kind: str, pair: KeyserverPair, what: str, *, single: bool = False
+) -> list[Figure]:
+    """The figures of one key-server configuration (``what`` describes it). The goal
+    figures are the pre-forked one's (the recommended deployment); ``single``: the same
+    server as one process, for information, under ``keyserver_single_*`` names."""
     label = {"p256": "ECDSA P-256", "rsa2048": "RSA-2048 PSS"}[kind]
+    name = f"keyserver_single_{kind}" if single else f"keyserver_{kind}"
+    goal = None if single else (">=", KEYSERVER_RATIO_GOAL)
     rate = pair.median(pair.keyserver, lambda w: w.rate)
     raw = pair.median(pair.raw, lambda w: w.rate)
     server_us = pair.median(pair.keyserver, lambda w: w.us_per_op("loop", "threads", "workers"))
     raw_us = pair.median(pair.raw, lambda w: w.us_per_op("raw"))
     return [
         Figure(
-            f"keyserver_{kind}_ratio", median(pair.ratios()), "ratio", 3,
-            (">=", KEYSERVER_RATIO_GOAL), f"{label}: key server ops/s over raw signing with "
-            f"{KEYSERVER_WORKERS} processes, median of {len(pair.ratios())} paired slices",
+            f"{name}_ratio", median(pair.ratios()), "ratio", 3, goal,
+            f"{label}: key server ops/s over raw signing with {KEYSERVER_WORKERS} processes, "
+            f"median of {len(pair.ratios())} paired slices ({what})",
         ),
+        Figure(f"{name}_ops_per_s", rate, "ops/s", 0, None, f"{label}: {what}"),
         Figure(
-            f"keyserver_{kind}_ops_per_s", rate, "ops/s", 0, None,
-            f"{label}: keybroker keyserver --workers {KEYSERVER_WORKERS} --pool "
-            f"{args.keyserver_pool}, 1 mutual-TLS connection, depth {args.depth}",
-        ),
-        Figure(
-            f"keyserver_{kind}_raw_ops_per_s", raw, "ops/s", 0, None,
+            f"{name}_raw_ops_per_s", raw, "ops/s", 0, None,
             f"{label}: raw cryptography signing, {KEYSERVER_WORKERS} processes",
         ),
         Figure(
-            f"keyserver_{kind}_cpu_us_per_op", server_us, "us", 1, None,
-            f"{label}: key server CPU per operation (all threads and workers)",
+            f"{name}_cpu_us_per_op", server_us, "us", 1, None,
+            f"{label}: key server CPU per operation (all threads and processes)",
         ),
         Figure(
-            f"keyserver_{kind}_raw_cpu_us_per_op", raw_us, "us", 1, None,
+            f"{name}_raw_cpu_us_per_op", raw_us, "us", 1, None,
             f"{label}: raw signing CPU per operation",
         ),
         Figure(
-            f"keyserver_{kind}_cpu_ratio", raw_us / server_us if server_us else 0.0, "ratio", 3,
+            f"{name}_cpu_ratio", raw_us / server_us if server_us else 0.0, "ratio", 3,
             None, f"{label}: raw CPU per op over the key server's: the ratio with the CPUs "
             "to the key server alone",
         ),
         Figure(
-            f"keyserver_{kind}_loadgen_cpu_share",
+            f"{name}_loadgen_cpu_share",
             100 * pair.median(pair.keyserver, lambda w: w.share("load")), "%", 1, None,
             f"{label}: the load generator's share of the machine's CPU in the key-server slices",
         ),
@@ -1843,12 +1863,16 @@ def main(argv: list[str] | None = None) -> int:
         print("latency of one sequential handshake (fast, P-256, one worker)", flush=True)
         remote_ms, local_ms = added_latency(setup, args.latency_count)
         print(f"  median remote {remote_ms:.2f} ms, local {local_ms:.2f} ms", flush=True)
-        print(
-            f"the key server alone: keybroker keyserver --workers {KEYSERVER_WORKERS} --pool "
-            f"{args.keyserver_pool}, one mutual-TLS connection, depth {args.depth}, against raw "
-            f"cryptography signing in {KEYSERVER_WORKERS} processes",
-            flush=True,
+        single_what = (
+            f"keybroker keyserver --workers {KEYSERVER_WORKERS} --pool {args.keyserver_pool}, "
+            f"one process, one mutual-TLS connection, depth {args.depth}"
         )
+        prefork_what = (
+            f"keybroker keyserver --processes {KEYSERVER_WORKERS} --workers 1 --pool "
+            f"{args.keyserver_pool}, {KEYSERVER_WORKERS} mutual-TLS connections, depth "
+            f"{args.depth} each"
+        )
+        print(f"the key server alone: {single_what}; against raw signing", flush=True)
         alone = setup.keyserver
         if args.keyserver != "keybroker" or args.keyserver_pool != "thread":
             alone = start_keybroker_keyserver(
@@ -1856,12 +1880,24 @@ def main(argv: list[str] | None = None) -> int:
                 pool=args.keyserver_pool,
             )  # fmt: skip
         try:
-            keyserver_pairs = {
+            single_pairs = {
                 kind: keyserver_compare(setup, alone, kind, args.ks_pairs) for kind in KEYSERVER_OPS
             }
         finally:
             if alone is not setup.keyserver:
                 alone.stop()
+        print(f"the key server alone, pre-forked: {prefork_what}; against raw signing", flush=True)
+        prefork = start_keybroker_keyserver(
+            setup.workdir / "keyserver-prefork", setup.keys(), setup.mtls,
+            workers=1, pool=args.keyserver_pool, processes=KEYSERVER_WORKERS,
+        )  # fmt: skip
+        try:
+            keyserver_pairs = {
+                kind: keyserver_compare(setup, prefork, kind, args.ks_pairs)
+                for kind in KEYSERVER_OPS
+            }
+        finally:
+            prefork.stop()
         nginx, why = nginx_available(args)
         ceiling: list[Window] = []
         if nginx is None:
@@ -1961,7 +1997,9 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             ]  # fmt: skip
         for kind, pair in keyserver_pairs.items():
-            figures += keyserver_figures(kind, pair, args)
+            figures += keyserver_figures(kind, pair, prefork_what)
+        for kind, pair in single_pairs.items():
+            figures += keyserver_figures(kind, pair, single_what, single=True)
     except Exception as exc:
         broken.append(f"{type(exc).__name__}: {exc}")
         traceback.print_exc()

@@ -40,7 +40,9 @@ from keybroker.flows.keyless.operations import PrivateKey
 from keybroker.flows.keyless.pkcs11keys import import_private_key
 
 KEYSERVER = [sys.executable, "-m", "keybroker.flows.keyless.keyserver_cli"]
-READY = re.compile(r"listening on 127\.0\.0\.1:(\d+)(?: metrics on 127\.0\.0\.1:(\d+))?")
+READY = re.compile(
+    r"listening on 127\.0\.0\.1:(\d+)(?: metrics on (127\.0\.0\.1:\d+(?:,127\.0\.0\.1:\d+)*))?"
+)
 
 
 @dataclasses.dataclass
@@ -80,6 +82,8 @@ class KeyServerProcess:
     address: tuple[str, int]
     metrics_url: str
     log: Path
+    #: Every process's metrics (one unless ``--processes``).
+    metrics_urls: list[str] = dataclasses.field(default_factory=list)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -107,8 +111,10 @@ async def keyserver(
             raise AssertionError(f"no ready line:\n{log.read_text()}") from None
         ready = READY.fullmatch(line.strip())
         assert ready, f"unexpected ready line {line!r}:\n{log.read_text()}"
-        metrics = f"http://127.0.0.1:{ready.group(2)}" if ready.group(2) else ""
-        yield KeyServerProcess(process, ("127.0.0.1", int(ready.group(1))), metrics, log)
+        urls = [f"http://{where}" for where in (ready.group(2) or "").split(",") if where]
+        yield KeyServerProcess(
+            process, ("127.0.0.1", int(ready.group(1))), urls[0] if urls else "", log, urls
+        )
     finally:
         if process.returncode is None:
             process.kill()
@@ -242,3 +248,92 @@ async def test_pkcs11_token_through_the_command(setup: Setup, tmp_path: Path) ->
         server.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(server.process.wait(), 20) == 0
         assert USER_PIN not in server.log_text()
+
+
+def children_of(pid: int) -> list[int]:
+    """The key-server processes ``pid`` started (Linux ``/proc``; multiprocessing's
+    resource tracker, also its child, is left out)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in command:
+                found.append(int(child))
+    return sorted(found)
+
+
+async def test_processes_share_one_listener_reload_together_and_stop_together(
+    setup: Setup,
+) -> None:
+    pki, keys = setup.pki, setup.keys
+    setup.config.write_text(
+        setup.config.read_text().replace("workers = 2\n", "workers = 1\nprocesses = 2\n")
+    )
+    async with keyserver("--config", str(setup.config), cwd=setup.directory) as server:
+        assert len(server.metrics_urls) == 2, server.metrics_urls
+        workers = children_of(server.process.pid)
+        assert len(workers) == 2, workers
+        for url in server.metrics_urls:
+            async with httpx.AsyncClient() as http:
+                health = await http.get(url + "/healthz")
+            assert health.status_code == 200 and health.text.startswith("ok: 4 keys")
+
+        # Connections go to the processes in turn: four edges, two each, all served.
+        edges = [
+            await EdgeClient.connect(server.address, pki.client_context(pki.edge1))
+            for _ in range(3)
+        ]
+        edges.append(await EdgeClient.connect(server.address, pki.client_context(pki.edge2)))
+        for edge in edges:
+            await sign_ok(edge, keys["p256"], Op.ECDSA_SIGN_SHA256)
+        for url in server.metrics_urls:
+            await wait_for_metric(url, "keyless_connections", {}, 2)
+        rsa_payload = payload_for(Op.RSA_PSS_SIGN_SHA256, keys["rsa"])
+        refused = await edges[3].call(Op.RSA_PSS_SIGN_SHA256, ski(keys["rsa"]), rsa_payload)
+        assert refused.error_code is ErrorCode.NOT_AUTHORIZED
+
+        # SIGHUP to the supervisor reloads every process: edge2 may now use the RSA key,
+        # on its open connection and on a new one (which lands in the other process).
+        setup.grants.write_text(
+            grants_toml(keys, {"node/edge1": list(keys), "node/edge2": ["p256", "rsa"]})
+        )
+        server.process.send_signal(signal.SIGHUP)
+        for url in server.metrics_urls:
+            await wait_for_metric(url, "keyless_reloads_total", {"result": "ok"}, 1)
+        await sign_ok(edges[3], keys["rsa"], Op.RSA_PSS_SIGN_SHA256)
+        another = await EdgeClient.connect(server.address, pki.client_context(pki.edge2))
+        await sign_ok(another, keys["rsa"], Op.RSA_PSS_SIGN_SHA256)
+        for edge in [*edges, another]:
+            await edge.close()
+
+        # SIGTERM: the supervisor stops every process and exits 0.
+        server.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(server.process.wait(), 30) == 0
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid), pid
+        log = server.log_text()
+        assert log.count("key server stopped") == 2, log
+        assert "Traceback" not in log
+
+
+def _state(pid: int) -> str:
+    with contextlib.suppress(FileNotFoundError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return "gone"
+
+
+async def test_a_process_that_dies_stops_the_key_server_with_status_1(setup: Setup) -> None:
+    setup.config.write_text(
+        setup.config.read_text().replace("workers = 2\n", "workers = 1\nprocesses = 2\n")
+    )
+    async with keyserver("--config", str(setup.config), cwd=setup.directory) as server:
+        workers = children_of(server.process.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        assert await asyncio.wait_for(server.process.wait(), 30) == 1
+        log = server.log_text()
+        assert re.search(r"key-server process \d exited \(status -9\)", log), log
+        assert "the other 1 were stopped" in log
+        await asyncio.sleep(0.5)
+        for pid in workers[1:]:
+            assert _state(pid) in ("gone", "Z"), pid

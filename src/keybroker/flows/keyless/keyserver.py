@@ -78,7 +78,7 @@ import tempfile
 import threading
 import tomllib
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -215,6 +215,10 @@ def _admitted(op: Op) -> bool:
 _ADMITTED_OPS: Final = frozenset(op for op in Op if _admitted(op))
 #: Metric label of each opcode (``Op.name`` is a property, slower than a lookup).
 _OP_NAMES: Final = {op: op.name for op in Op}
+
+
+#: Most key-server processes behind one listener.
+MAX_PROCESSES: Final = 64
 
 
 def default_workers() -> int:
@@ -1326,6 +1330,8 @@ class KeyServer:
         self._retiring: set[_Generation] = set()
         self._connections: set[_EdgeConnection] = set()
         self._server: asyncio.Server | None = None
+        #: Connections come from a supervisor (:meth:`adopt`) instead of a listener.
+        self._adopting = False
         self._metrics_server: asyncio.Server | None = None
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1374,10 +1380,11 @@ class KeyServer:
 
     @property
     def healthy(self) -> bool:
-        """Listening, not shutting down, and serving at least one key."""
+        """Listening (or taking connections from a supervisor), not shutting down, and
+        serving at least one key."""
+        listening = self._adopting or (self._server is not None and self._server.is_serving())
         return (
-            self._server is not None
-            and self._server.is_serving()
+            listening
             and not self.stopping
             and self._generation is not None
             and self._generation.key_count > 0
@@ -1433,9 +1440,8 @@ class KeyServer:
         for ski in sorted(set(skis_of()) - loaded):
             _log.warning("key %s is granted but not loaded: it answers KEY_NOT_FOUND", ski.hex())
 
-    async def start(self, host: str = "127.0.0.1", port: int = 2407) -> tuple[str, int]:
-        """Start the workers and listen; returns the address bound (``port=0``: any)."""
-        if self._server is not None:
+    async def _prepare(self) -> None:
+        if self._server is not None or self._loop is not None:
             raise RuntimeError("the key server is already started")
         self._loop = asyncio.get_running_loop()
         self._threads = concurrent.futures.ThreadPoolExecutor(
@@ -1444,6 +1450,22 @@ class KeyServer:
         keys, authorizer = self._initial
         self._generation = await self._new_generation(1, keys, authorizer)
         self._publish_generation()
+
+    def _started(self, where: str) -> None:
+        keys, authorizer = self._initial
+        _log.info(
+            "key server %s; keys: %s; grants: %s; %d %s workers",
+            where,
+            keys.describe(),
+            authorizer.describe(),
+            self.settings.workers,
+            self.settings.pool,
+        )
+
+    async def start(self, host: str = "127.0.0.1", port: int = 2407) -> tuple[str, int]:
+        """Start the workers and listen; returns the address bound (``port=0``: any)."""
+        await self._prepare()
+        assert self._loop is not None and self._generation is not None
         try:
             self._server = await self._loop.create_server(
                 lambda: _EdgeConnection(self),
@@ -1456,19 +1478,45 @@ class KeyServer:
             )
         except OSError as exc:
             self._generation.dispatcher.close()
-            self._threads.shutdown(wait=False)
+            if self._threads is not None:
+                self._threads.shutdown(wait=False)
             raise ConfigurationError(f"listen: cannot listen on {host}:{port} ({exc})") from None
         bound = self._server.sockets[0].getsockname()
         self.address = (str(bound[0]), int(bound[1]))
-        _log.info(
-            "key server on %s:%d; keys: %s; grants: %s; %d %s workers",
-            *self.address,
-            keys.describe(),
-            authorizer.describe(),
-            self.settings.workers,
-            self.settings.pool,
-        )
+        self._started("on {}:{}".format(*self.address))
         return self.address
+
+    async def start_without_listening(self) -> None:
+        """Start the workers but no listener: connections come through :meth:`adopt`
+        (a pre-forked worker process handed accepted sockets by its supervisor)."""
+        await self._prepare()
+        self._adopting = True
+        self._started("worker ready")
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve an accepted TCP connection (TLS handshake included) like one of ours."""
+        if self.stopping:
+            sock.close()
+            return
+        sock.setblocking(False)
+        self._spawn(asyncio.ensure_future(self._serve_adopted(sock)))
+
+    async def _serve_adopted(self, sock: socket.socket) -> None:
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = "?"
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: _EdgeConnection(self),
+                sock,
+                ssl=self._ssl_context,
+                ssl_handshake_timeout=self.settings.handshake_timeout,
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            # As asyncio's own listener does: a failed handshake is the peer's business.
+            _log.debug("connection from %s failed before serving (%s)", peer, exc)
+            sock.close()
 
     def _publish_generation(self) -> None:
         generation = self.generation
@@ -1800,8 +1848,14 @@ class KeyServerConfig:
     names with ``--``): ``listen``, ``cert``, ``key``, ``client_ca``,
     ``keys_dir``, ``pkcs11_module``, ``pkcs11_token``, ``pkcs11_pin_env``,
     ``grants``, ``keyring``, ``broker``, ``passphrase_env``, ``refresh``,
-    ``grants_max_age``, ``workers``, ``pool``, ``metrics_host``, ``metrics_port``, ``log_level``,
-    ``max_connections``, ``max_pending``, ``idle_timeout``, ``shutdown_grace``.
+    ``grants_max_age``, ``workers``, ``pool``, ``processes``, ``metrics_host``, ``metrics_port``,
+    ``log_level``, ``max_connections``, ``max_pending``, ``idle_timeout``, ``shutdown_grace``.
+
+    ``processes`` > 1 runs that many key-server processes behind one listener
+    (:mod:`keybroker.flows.keyless.prefork`): each has its own event loop, keys,
+    grants and ``workers`` threads, so per-request Python is not serialised by one
+    GIL. ``metrics_port`` is then the first process's; process *i* serves on
+    ``metrics_port + i`` (each any free port if it is 0).
 
     Two modes. **Files**: ``cert``, ``key``, ``client_ca``, ``grants`` and one key
     source (``keys_dir`` or ``pkcs11_token``). **Broker keys**: ``keyring`` (an
@@ -1829,8 +1883,11 @@ class KeyServerConfig:
     #: Broker keys: refuse every operation once the grants last read are older than this
     #: many seconds (the broker unreachable that long); ``None``: keep the last grants.
     grants_max_age: float | None = None
-    workers: int = field(default_factory=default_workers)
+    #: Executor workers per process; ``None``: the cores divided among the processes.
+    workers: int | None = None
     pool: str = DEFAULT_POOL
+    #: Key-server processes sharing the listener (:mod:`.prefork`); 1: this process only.
+    processes: int = 1
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     log_level: str = "info"
@@ -1883,8 +1940,13 @@ class KeyServerConfig:
 
     def settings(self) -> KeyServerSettings:
         """The :class:`KeyServerSettings` these options ask for."""
+        if type(self.processes) is not int or not 1 <= self.processes <= MAX_PROCESSES:
+            raise ConfigurationError(f"processes: must be an integer from 1 to {MAX_PROCESSES}")
+        workers = self.workers
+        if workers is None:
+            workers = max(1, default_workers() // self.processes)
         return KeyServerSettings(
-            workers=self.workers,
+            workers=workers,
             pool=cast("Pool", self.pool),
             max_pending=self.max_pending,
             max_connections=self.max_connections,
@@ -1950,7 +2012,7 @@ def _convert(name: str, value: object, base: Path | None) -> object:
         if base is not None and not path.is_absolute():
             path = base / path
         return str(path) if name == "pkcs11_module" else path
-    if name in ("workers", "max_connections", "max_pending", "metrics_port"):
+    if name in ("workers", "processes", "max_connections", "max_pending", "metrics_port"):
         if type(value) is not int:
             raise ConfigurationError(f"{name}: must be an integer")
         if name == "metrics_port" and not 0 <= value < 65536:
@@ -2090,9 +2152,41 @@ async def run_keyserver(
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``); reload on SIGHUP and every
     :attr:`~KeyServerConfig.refresh_interval` seconds. Calls ``ready`` with one line
-    (``listening on HOST:PORT``, plus `` metrics on HOST:PORT``) once serving."""
-    loop = asyncio.get_running_loop()
+    (``listening on HOST:PORT``, plus `` metrics on HOST:PORT``) once serving.
+
+    With ``processes`` > 1 this process only supervises: see :mod:`.prefork`."""
+    if config.processes > 1:
+        from keybroker.flows.keyless.prefork import run_supervisor
+
+        await run_supervisor(config, ready=ready, stop=stop)
+        return
     server = build_key_server(config, environ=environ)
+    host, port = config.listen_address()
+
+    async def begin() -> str:
+        bound = await server.start(host, port)
+        line = f"listening on {format_address(bound)}"
+        if config.metrics_port is not None:
+            metrics = await server.start_metrics(config.metrics_host, config.metrics_port)
+            line += f" metrics on {format_address(metrics)}"
+        return line
+
+    await serve_until_stopped(server, config, begin, ready=ready, stop=stop)
+
+
+async def serve_until_stopped(
+    server: KeyServer,
+    config: KeyServerConfig,
+    begin: Callable[[], Awaitable[str]],
+    *,
+    ready: Callable[[str], None],
+    stop: asyncio.Event | None = None,
+    stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Start ``server`` with ``begin`` (which returns the ready line), call ``ready``,
+    serve until one of ``stop_signals`` (or ``stop``), reloading on SIGHUP and every
+    :attr:`~KeyServerConfig.refresh_interval` seconds; then close it gracefully."""
+    loop = asyncio.get_running_loop()
     stop = stop if stop is not None else asyncio.Event()
     reloads: set[asyncio.Task[Any]] = set()
 
@@ -2111,14 +2205,10 @@ async def run_keyserver(
                 return
             await server.reload(quiet=True)
 
-    host, port = config.listen_address()
+    handled = (*stop_signals, signal.SIGHUP)
     try:
-        bound = await server.start(host, port)
-        line = f"listening on {_format(bound)}"
-        if config.metrics_port is not None:
-            metrics = await server.start_metrics(config.metrics_host, config.metrics_port)
-            line += f" metrics on {_format(metrics)}"
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        line = await begin()
+        for sig in stop_signals:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hangup)
         if config.refresh_interval > 0:
@@ -2127,7 +2217,7 @@ async def run_keyserver(
         await stop.wait()
         _log.info("stopping")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in handled:
             loop.remove_signal_handler(sig)
         stop.set()  # a periodic refresh ends (one under way finishes, then sees `stopping`)
         await server.aclose()
@@ -2135,6 +2225,6 @@ async def run_keyserver(
             await asyncio.gather(*reloads, return_exceptions=True)
 
 
-def _format(address: tuple[str, int]) -> str:
+def format_address(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

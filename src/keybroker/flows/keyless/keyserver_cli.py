@@ -11,7 +11,9 @@ PKCS#11 PIN and the keyring passphrase are read from the environment variables
 status 2 and a message naming it; SIGTERM or SIGINT stops the server gracefully
 (status 0); SIGHUP reloads keys, grants and the server certificate. Once
 serving, one line goes to stdout: ``listening on HOST:PORT`` (plus
-`` metrics on HOST:PORT``).
+`` metrics on HOST:PORT``; with ``--processes N``, the N processes' metrics
+addresses, comma-separated). If a key-server process dies, the others are
+stopped and the command exits with status 1 (let the service manager restart it).
 
 Heavy modules are imported inside the command, as in :mod:`keybroker.cli.main`.
 """
@@ -27,6 +29,8 @@ __all__ = ["keyserver_command"]
 
 #: Exit status for a configuration the server refuses to run with.
 EXIT_CONFIGURATION = 2
+#: Exit status when one of ``--processes`` died (the others were stopped).
+EXIT_WORKER_DIED = 1
 
 
 def _logging(level: str) -> None:
@@ -110,9 +114,17 @@ def keyserver_command(  # noqa: PLR0917 - one parameter per option
         ),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="executor workers (default: the number of cores)")
+        int | None,
+        typer.Option(help="executor workers per process (default: the cores / --processes)"),
     ] = None,
     pool: Annotated[str | None, typer.Option(help="thread or process (default: thread)")] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="key-server processes behind one listener, e.g. the number of cores for "
+            "ECDSA keys (default: 1)"
+        ),
+    ] = None,
     metrics_host: Annotated[
         str | None, typer.Option(help="address of /healthz and /metrics (default: 127.0.0.1)")
     ] = None,
@@ -140,6 +152,7 @@ def keyserver_command(  # noqa: PLR0917 - one parameter per option
         load_config_file,
         run_keyserver,
     )
+    from keybroker.flows.keyless.prefork import WorkerDied
 
     options = {
         "listen": listen,
@@ -158,6 +171,7 @@ def keyserver_command(  # noqa: PLR0917 - one parameter per option
         "grants_max_age": grants_max_age,
         "workers": workers,
         "pool": pool,
+        "processes": processes,
         "metrics_host": metrics_host,
         "metrics_port": metrics_port,
         "max_connections": max_connections,
@@ -196,6 +210,9 @@ def keyserver_command(  # noqa: PLR0917 - one parameter per option
     except ConfigurationError as exc:
         typer.echo(f"keybroker keyserver: configuration error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIGURATION) from None
+    except WorkerDied as exc:
+        typer.echo(f"keybroker keyserver: {exc}", err=True)
+        raise typer.Exit(EXIT_WORKER_DIED) from None
 
 
 if __name__ == "__main__":
