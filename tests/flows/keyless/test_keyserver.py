@@ -56,6 +56,7 @@ from keybroker.flows.keyless.keyserver import (
     KeySource,
     PemKeySource,
     Pkcs11KeySource,
+    Pool,
     TlsFiles,
     identity_tls_context,
     perform_batch,
@@ -925,10 +926,11 @@ async def test_graceful_shutdown_finishes_what_is_in_flight(
 # --- process pool ---------------------------------------------------------------------------
 
 
-async def test_process_pool_serves_pipelined_requests_and_reloads(
-    start: Starter, material: Material
+@pytest.mark.parametrize("pool", ["process", "inline"])
+async def test_process_and_inline_pools_serve_pipelined_requests_and_reload(
+    start: Starter, material: Material, pool: Pool
 ) -> None:
-    running = await start(settings=KeyServerSettings(workers=2, pool="process"))
+    running = await start(settings=KeyServerSettings(workers=2, pool=pool))
     client = await running.connect()
     try:
         sent: dict[int, tuple[PrivateKey, Op, bytes]] = {}
@@ -1388,7 +1390,8 @@ def test_cli_reports_bad_configuration_with_exit_status_2(
     config = tmp_path / "keyserver.toml"
     config.write_text('grants = "grants.toml"\npool = "fibers"\n')
     result = runner.invoke(_cli(), [*args, "--config", str(config)])
-    assert result.exit_code == 2 and "pool: must be 'thread' or 'process'" in result.output
+    assert result.exit_code == 2
+    assert "pool: must be 'thread', 'process' or 'inline'" in result.output
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

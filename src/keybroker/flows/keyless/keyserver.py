@@ -148,15 +148,18 @@ __all__ = [
     "KeySource",
     "PemKeySource",
     "Pkcs11KeySource",
+    "Pool",
     "TlsFiles",
     "build_key_server",
     "default_workers",
     "edge_identity",
+    "format_address",
     "identity_tls_context",
     "load_config_file",
     "parse_address",
     "perform_batch",
     "run_keyserver",
+    "serve_until_stopped",
     "server_tls_context",
 ]
 
@@ -175,7 +178,9 @@ DEFAULT_PASSPHRASE_ENV: Final = "KEYBROKER_KEYRING_PASSPHRASE"  # noqa: S105 - a
 #: Seconds between synchronisations with the broker (broker keys) unless told otherwise.
 DEFAULT_REFRESH: Final = 5.0
 
-Pool: TypeAlias = Literal["thread", "process"]
+Pool: TypeAlias = Literal["thread", "process", "inline"]
+#: The executor kinds (``inline``: on the event loop itself, see :class:`KeyServerSettings`).
+POOLS: Final = ("thread", "process", "inline")
 #: One key operation as the executor sees it: SKI, opcode, payload.
 Job: TypeAlias = tuple[bytes, int, bytes]
 #: What a job yields: the result bytes, or an :class:`ErrorCode` as an ``int``.
@@ -632,8 +637,10 @@ class _Dispatcher:
         workers: int,
         max_batch: int,
         owns_executor: bool,
+        inline: bool = False,
     ) -> None:
         self._loop = loop
+        self._inline = inline
         self._make_executor = make_executor
         self._executor = make_executor()
         self._run_batch = run_batch
@@ -668,6 +675,12 @@ class _Dispatcher:
         self._scheduled = False
         jobs, callbacks = self._jobs, self._callbacks
         self._jobs, self._callbacks = [], []
+        if self._inline:
+            results = self._run_batch(jobs)  # never raises: each job gets a result
+            now = self._loop.time()
+            for callback, result in zip(callbacks, results, strict=True):
+                callback(result, now)
+            return
         idle = min(self._workers, max(1, self._workers - self._running))
         size = min(self._max_batch, max(1, math.ceil(len(jobs) / idle)))
         executor = self._executor
@@ -973,7 +986,11 @@ class KeyServerSettings:
     #: Executor workers (threads or processes).
     workers: int = field(default_factory=default_workers)
     #: ``"thread"``: a thread pool calling the key source; ``"process"``: worker processes
-    #: holding copies of the keys (exportable sources only).
+    #: holding copies of the keys (exportable sources only); ``"inline"``: the event loop
+    #: signs itself, all the jobs of one loop iteration in turn (no hand-off at all: for
+    #: one process per core, ``processes`` > 1, where the GIL hand-offs of a pool cost
+    #: about a third of an ECDSA signature; a slow signature delays that process's other
+    #: connections, so not for RSA keys on a single process).
     pool: Pool = DEFAULT_POOL
     #: Requests one connection may have outstanding (more are answered ``OVERLOADED``).
     max_pending: int = MAX_PENDING
@@ -996,8 +1013,10 @@ class KeyServerSettings:
     def __post_init__(self) -> None:
         if type(self.workers) is not int or not 1 <= self.workers <= 256:
             raise ConfigurationError("workers: must be an integer from 1 to 256")
-        if self.pool not in ("thread", "process"):
-            raise ConfigurationError(f"pool: must be 'thread' or 'process', not {self.pool!r}")
+        if self.pool not in POOLS:
+            raise ConfigurationError(
+                f"pool: must be 'thread', 'process' or 'inline', not {self.pool!r}"
+            )
         if type(self.max_pending) is not int or not 1 <= self.max_pending <= MAX_PENDING:
             raise ConfigurationError(f"max_pending: must be an integer from 1 to {MAX_PENDING}")
         if type(self.max_connections) is not int or self.max_connections < 1:
@@ -1413,6 +1432,7 @@ class KeyServer:
             workers=settings.workers,
             max_batch=settings.batch,
             owns_executor=False,
+            inline=settings.pool == "inline",
         )
 
     async def _new_generation(
@@ -1885,7 +1905,9 @@ class KeyServerConfig:
     grants_max_age: float | None = None
     #: Executor workers per process; ``None``: the cores divided among the processes.
     workers: int | None = None
-    pool: str = DEFAULT_POOL
+    #: ``None``: ``inline`` with several processes (one per core signs best on its own
+    #: event loop), else :data:`DEFAULT_POOL`.
+    pool: str | None = None
     #: Key-server processes sharing the listener (:mod:`.prefork`); 1: this process only.
     processes: int = 1
     metrics_host: str = "127.0.0.1"
@@ -1945,9 +1967,10 @@ class KeyServerConfig:
         workers = self.workers
         if workers is None:
             workers = max(1, default_workers() // self.processes)
+        pool = self.pool or ("inline" if self.processes > 1 else DEFAULT_POOL)
         return KeyServerSettings(
             workers=workers,
-            pool=cast("Pool", self.pool),
+            pool=cast("Pool", pool),
             max_pending=self.max_pending,
             max_connections=self.max_connections,
             idle_timeout=self.idle_timeout,
@@ -2034,8 +2057,8 @@ def _convert(name: str, value: object, base: Path | None) -> object:
         return float(cast("float", value))
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"{name}: must be a non-empty string")
-    if name == "pool" and value not in ("thread", "process"):
-        raise ConfigurationError(f"pool: must be 'thread' or 'process', not {value!r}")
+    if name == "pool" and value not in POOLS:
+        raise ConfigurationError(f"pool: must be 'thread', 'process' or 'inline', not {value!r}")
     if name == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigurationError(f"log_level: must be debug, info, warning or error, not {value!r}")
     if name == "broker" and not value.startswith("https://"):

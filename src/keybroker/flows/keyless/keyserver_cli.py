@@ -117,7 +117,13 @@ def keyserver_command(  # noqa: PLR0917 - one parameter per option
         int | None,
         typer.Option(help="executor workers per process (default: the cores / --processes)"),
     ] = None,
-    pool: Annotated[str | None, typer.Option(help="thread or process (default: thread)")] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="thread, process or inline (on the event loop) (default: thread; inline "
+            "with --processes)"
+        ),
+    ] = None,
     processes: Annotated[
         int | None,
         typer.Option(
