@@ -72,33 +72,32 @@ Figures (``docs/benchmarks.md``, ``## keyless``):
   only) installs ``nginx-light`` with ``apt-get`` first.
 
 **The key server alone** (``keyserver_*`` figures): the real ``keybroker keyserver
---processes 2 --workers 1 --pool thread`` (``--keyserver-pool``; two pre-forked processes,
-the recommended deployment: one per core), loaded by one process per key-server process,
-each with one mutual-TLS connection and ``--depth`` (64) requests in flight; and, for
-information (``keyserver_single_*``), the same server as one process (``--workers 2``),
-loaded over one connection. Each load process uses a blocking ``ssl``
-socket, one ``recv`` for whatever answers have arrived, one ``sendall`` of as many new
-requests, framed by ``protocol.ClientConnection`` as the edge frames them (SKI, SNI, a
-SHA-256 digest, padded to 1,024 bytes) once per digest and sent with the request id
-patched in; answers checked by header, id and opcode, the first 64 decoded in full (the
-generator is kept lean because it shares the CPUs with the key server: about 4 µs per
-request, against 14 to 16 µs with the full client codec before 2026-11-29's run).
-ECDSA P-256 (``ECDSA_SIGN_SHA256``) and RSA-2048
-(``RSA_PSS_SIGN_SHA256``, what a TLS 1.3 edge asks for). The floor: the same digests
-signed with raw ``cryptography`` (the algorithm objects made once) in 2 processes, as many
-as the key server's workers. Key server and raw alternate in slices (key server, raw,
-raw, key server, ...; 3 pairs of 5 s per key kind, 1 pair of 1 s in quick mode, after a
-warm-up); the answers are counted over the timed window by the load generator, the raw
+--processes 2`` (two pre-forked processes, each signing on its own event loop: ``pool =
+"inline"``, the default with ``--processes``; the recommended deployment, one process per
+core), loaded by one process per key-server process, each with one mutual-TLS connection
+and ``--depth`` (64) requests in flight; and, for information (``keyserver_single_*``),
+the same server as one process (``--workers 2 --pool thread``, ``--keyserver-pool``),
+loaded over one connection. Each load process uses a blocking ``ssl`` socket, one ``recv``
+for whatever answers have arrived, one ``sendall`` of as many new requests, framed by
+``protocol.ClientConnection`` as the edge frames them (SKI, SNI, a SHA-256 digest, padded
+to 1,024 bytes) once per digest and sent with the request id patched in; answers checked
+by header, id and opcode, the first 64 decoded in full (the generator is kept lean because
+it shares the CPUs with the key server: about 4 µs per request, against 14 to 16 µs with
+the full client codec before 2026-11-29's run). ECDSA P-256 (``ECDSA_SIGN_SHA256``) and
+RSA-2048 (``RSA_PSS_SIGN_SHA256``, what a TLS 1.3 edge asks for). The floor: the same
+digests signed with raw ``cryptography`` (the algorithm objects made once) in 2 processes,
+as many as the key server's workers. Key server and raw alternate in slices (key server,
+raw, raw, key server, ...; 3 pairs of 5 s per key kind, 1 pair of 1 s in quick mode, after
+a warm-up); the answers are counted over the timed window by the load generator, the raw
 signatures by each signing process; ``keyserver_<kind>_ratio`` is the median of the
 per-pair ratios (goal >= 0.8). The key server and its load generator share the 2 CPUs
 while raw signing has them to itself, so the ratio includes the load generator's CPU; the
 CPU of each party is read from ``/proc`` (the key server's event-loop thread, its other
 threads, its worker processes; the load generator; the raw processes) and printed per
 slice as a share of the machine and in µs per operation. ``keyserver_<kind>_cpu_ratio``
-(raw CPU per op over the key server's) is the ratio with the CPUs to the key server
-alone. Cross-checks: no request may be answered with an error, and the first 64 answers
-of each slice, and the first raw signature of each process, must verify with the public
-key.
+(raw CPU per op over the key server's) is the ratio with the CPUs to the key server alone.
+Cross-checks: no request may be answered with an error, and the first 64 answers of each
+slice, and the first raw signature of each process, must verify with the public key.
 
 Cross-checks before timing (a failure exits 1): for each edge started, a verified Python
 ``ssl`` TLS 1.3 handshake against the test CA (so the signature from the key server
@@ -1868,9 +1867,8 @@ def main(argv: list[str] | None = None) -> int:
             f"one process, one mutual-TLS connection, depth {args.depth}"
         )
         prefork_what = (
-            f"keybroker keyserver --processes {KEYSERVER_WORKERS} --workers 1 --pool "
-            f"{args.keyserver_pool}, {KEYSERVER_WORKERS} mutual-TLS connections, depth "
-            f"{args.depth} each"
+            f"keybroker keyserver --processes {KEYSERVER_WORKERS} (pool inline), "
+            f"{KEYSERVER_WORKERS} mutual-TLS connections, depth {args.depth} each"
         )
         print(f"the key server alone: {single_what}; against raw signing", flush=True)
         alone = setup.keyserver
@@ -1889,7 +1887,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the key server alone, pre-forked: {prefork_what}; against raw signing", flush=True)
         prefork = start_keybroker_keyserver(
             setup.workdir / "keyserver-prefork", setup.keys(), setup.mtls,
-            workers=1, pool=args.keyserver_pool, processes=KEYSERVER_WORKERS,
+            workers=1, pool="inline", processes=KEYSERVER_WORKERS,
         )  # fmt: skip
         try:
             keyserver_pairs = {
