@@ -60,6 +60,10 @@ SessionPath = Annotated[str, Path(min_length=1, max_length=36, pattern=r"^[0-9a-
 Wait = Annotated[int, Query(ge=0, le=600, description="Seconds to wait for a change")]
 
 
+#: Answers from the bus judged at once (each holds a thread of the pool while it runs).
+ANSWERS_IN_PARALLEL = 32
+
+
 def _server(ctx: ApiContext) -> PushAuthServer:
     server = ctx.pushauth
     assert server is not None
@@ -247,37 +251,48 @@ async def listen_for_answers(ctx: ApiContext, bus: Bus, ready: asyncio.Event) ->
     and is logged by its error's type only (it may be anyone's)."""
     server = _server(ctx)
     topic = await run_in_threadpool(server.answers_topic)
-    receipts: set[asyncio.Task[None]] = set()
-    while True:
-        try:
-            async with bus.subscribe(topic) as answers:
-                ready.set()
-                async for message in answers:
-                    receipt = await _judge_bus_answer(ctx, server, bus, message.payload)
-                    if receipt is not None:
-                        receipts.add(receipt)
-                        receipt.add_done_callback(receipts.discard)
-            return  # the bus was closed: the server is stopping
-        except TransportError as exc:
-            # Phones fall back to HTTPS meanwhile; nothing is decided without us.
-            logger.warning("answers topic lost (%s); subscribing again in 1 s", exc)
-            await asyncio.sleep(1)
+    # Answers are judged side by side, as posted ones are (a queue of them behind one
+    # slow transaction would delay every login); at most this many at once.
+    slots = asyncio.Semaphore(ANSWERS_IN_PARALLEL)
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            try:
+                async with bus.subscribe(topic) as answers:
+                    ready.set()
+                    async for message in answers:
+                        await slots.acquire()
+                        task = asyncio.create_task(
+                            _judge_bus_answer(ctx, server, bus, message.payload, slots)
+                        )
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                return  # the bus was closed: the server is stopping
+            except TransportError as exc:
+                # Phones fall back to HTTPS meanwhile; nothing is decided without us.
+                logger.warning("answers topic lost (%s); subscribing again in 1 s", exc)
+                await asyncio.sleep(1)
+    finally:
+        for task in tasks:
+            task.cancel()  # a decision under way finishes in its thread; its wake-up is moot
 
 
 async def _judge_bus_answer(
-    ctx: ApiContext, server: PushAuthServer, bus: Bus, payload: bytes
-) -> asyncio.Task[None] | None:
-    """Judge one answer; wake its terminal; return the task sending the phone its receipt."""
+    ctx: ApiContext, server: PushAuthServer, bus: Bus, payload: bytes, slots: asyncio.Semaphore
+) -> None:
+    """Judge one answer; wake its terminal; send the phone its receipt."""
     try:
-        status = await run_in_threadpool(server.answer_from_bus, payload)
-    except KeybrokerError as exc:
-        logger.info("an answer from the bus was refused (%s)", type(exc).__name__)
-        return None
+        try:
+            status = await run_in_threadpool(server.answer_from_bus, payload)
+        except KeybrokerError as exc:
+            logger.info("an answer from the bus was refused (%s)", type(exc).__name__)
+            return
+    finally:
+        slots.release()
     ctx.keyed.wake(_login_key(status.session_id))
-    if status.device is None:  # pragma: no cover - an answer always names its phone
-        return None
-    challenge_id = read_bus_answer(payload)[0]
-    return asyncio.create_task(_receipt(bus, server.topic_of(status.device), challenge_id))
+    if status.device is not None:
+        challenge_id = read_bus_answer(payload)[0]
+        await _receipt(bus, server.topic_of(status.device), challenge_id)
 
 
 async def _receipt(bus: Bus, topic: str, challenge_id: bytes) -> None:

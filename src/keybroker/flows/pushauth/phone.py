@@ -162,9 +162,11 @@ class PhoneStats:
     dropped: int = 0
 
 
-#: After answering on the bus, how long a phone waits before checking that the server
-#: took the answer (and posting it over HTTPS if the challenge is still open).
-FALLBACK_AFTER: Final = 3.0
+#: After answering on the bus, how long a phone waits for the server's receipt before
+#: asking whether the challenge is still open (and posting the answer over HTTPS if it
+#: is). Long enough for a busy server (a receipt comes after the login is decided), short
+#: enough to leave most of a challenge's 60 s when the bus lost the answer.
+FALLBACK_AFTER: Final = 10.0
 
 
 class Phone:
