@@ -83,6 +83,65 @@ def test_message_round_trip(msg: Sample) -> None:
     assert Sample.decode(msg.encode()) == msg
 
 
+# Keys around the 23/24-byte boundary of a text string's head, and non-ASCII keys whose
+# UTF-8 length differs from their length in characters: where a wrong sort would show.
+keys = (
+    st.text(max_size=8)
+    | st.text(min_size=20, max_size=30)
+    | st.sampled_from(
+        ["é", "e", "ée", "z", "\u00ff", "\U0001f511", "aa", "ab", "b", "A" * 23, "A" * 24, "B" * 23]
+    )
+)
+deep = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64), max_value=2**64 - 1)
+    | st.binary(max_size=40)
+    | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=6),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(keys, deep, max_size=8))
+def test_encoding_is_exactly_cbor2s_deterministic_encoding(body: dict[str, object]) -> None:
+    # encode() sorts the maps itself and uses cbor2's plain encoder; the bytes must be
+    # those of cbor2's canonical mode, to the last one.
+    assert encode(LABEL, body) == cbor2.dumps([LABEL, body], canonical=True)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(keys, deep, max_size=8), st.randoms(use_true_random=False))
+def test_decode_accepts_exactly_the_deterministic_encoding(
+    body: dict[str, object], rng: object
+) -> None:
+    # The same value with every map's keys shuffled, encoded as is: decode() must accept
+    # it exactly when it is the deterministic encoding.
+    def shuffled(value: object) -> object:
+        if isinstance(value, dict):
+            items = list(value.items())
+            rng.shuffle(items)  # type: ignore[attr-defined]
+            return {k: shuffled(v) for k, v in items}
+        if isinstance(value, list):
+            return [shuffled(v) for v in value]
+        return value
+
+    data = cbor2.dumps([LABEL, shuffled(body)])
+    canonical = data == cbor2.dumps([LABEL, body], canonical=True)
+    try:
+        decode(LABEL, data)
+    except DecodeError:
+        assert not canonical
+    else:
+        assert canonical
+
+
+def test_keys_that_are_not_valid_unicode_are_refused_when_encoding() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode(LABEL, {"a\ud800": 1, "b": 2})
+
+
 def test_map_order_does_not_change_the_bytes() -> None:
     assert encode(LABEL, {"a": 1, "bb": 2, "c": 3}) == encode(LABEL, {"c": 3, "bb": 2, "a": 1})
 
@@ -188,3 +247,21 @@ def test_fuzz_mutated_messages_raise_only_remote_protocol_error(
     raw[pos] ^= data.draw(st.integers(min_value=1, max_value=255))
     with contextlib.suppress(RemoteProtocolError):
         Sample.decode(bytes(raw))
+
+
+def test_str_and_int_enums_encode_as_their_values() -> None:
+    import enum
+
+    class Colour(enum.StrEnum):
+        RED = "red"
+
+    class Mixed(str, enum.Enum):  # noqa: UP042 - str() of a member is "Mixed.RED", its data "r"
+        RED = "r"
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    body = {"a": Colour.RED, "b": Mixed.RED, "c": Level.HIGH, "d": [Colour.RED]}
+    plain = {"a": "red", "b": "r", "c": 3, "d": ["red"]}
+    assert encode(LABEL, body) == encode(LABEL, plain)
+    assert encode(LABEL, body) == cbor2.dumps([LABEL, plain], canonical=True)
