@@ -474,6 +474,13 @@ class HpkeSecret(Secret):
             raise CryptoError() from None
 
 
+#: The private key of the low-order check in :meth:`X25519HpkeKind.load_public`. Any
+#: key serves (X25519 clamps every scalar to a multiple of the cofactor, so a low-order
+#: point gives the all-zero secret whatever the scalar); its results are thrown away.
+#: One for the process: a fresh key per check cost a key generation per delivery.
+_LOW_ORDER_PROBE: Final = x25519.X25519PrivateKey.generate()
+
+
 class X25519HpkeKind(Kind):
     def __init__(self, aead: AEAD, aead_name: str) -> None:
         self.suite = Suite(KEM.X25519, KDF.HKDF_SHA256, aead)
@@ -493,7 +500,7 @@ class X25519HpkeKind(Kind):
             key = x25519.X25519PublicKey.from_public_bytes(raw)
             # RFC 9180 §7.1.4: a low-order point gives an all-zero shared secret,
             # which OpenSSL rejects; reject it here, when the key arrives.
-            x25519.X25519PrivateKey.generate().exchange(key)
+            _LOW_ORDER_PROBE.exchange(key)
         except ValueError:
             raise DecodeError("malformed or low-order X25519 public key") from None
         return HpkePublic(key, self.suite)

@@ -30,6 +30,19 @@ from keybroker.keys import (
     SignerHandle,
 )
 
+#: The X25519 public values whose shared secret is all zeros with any private key: the
+#: points of small order (RFC 7748 §6.1 and libsodium's list) and the non-canonical
+#: encodings that reduce to them (p - 1, p, p + 1).
+X25519_LOW_ORDER = (
+    "00" * 32,
+    "01" + "00" * 31,
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ec" + "ff" * 30 + "7f",
+    "ed" + "ff" * 30 + "7f",
+    "ee" + "ff" * 30 + "7f",
+)
+
 
 def flip(data: bytes, index: int) -> bytes:
     out = bytearray(data)
@@ -316,8 +329,9 @@ def test_hpke_recipient_from_raw_public_bytes() -> None:
         key_id=ks.primary.key_id,  # type: ignore[union-attr]
     )
     assert ks.hpke().open(recipient.seal(b"m", b"i"), b"i") == b"m"
-    with pytest.raises(DecodeError):
-        PublicKeyset.from_public_key(X25519_HPKE, bytes(32), key_id=1)  # low-order point
+    for point in X25519_LOW_ORDER:  # every one, checked with the same probe key each time
+        with pytest.raises(DecodeError):
+            PublicKeyset.from_public_key(X25519_HPKE, bytes.fromhex(point), key_id=1)
     with pytest.raises(DecodeError):
         PublicKeyset.from_public_key(X25519_HPKE, raw + b"\x00", key_id=1)
     with pytest.raises(KeysetError):
