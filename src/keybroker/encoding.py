@@ -34,7 +34,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 import cbor2
 
@@ -67,57 +67,52 @@ def _key_order(key: str) -> tuple[int, bytes]:
 
 #: Values that need no check and no rebuilding (an ``int`` needs its range checked).
 _LEAVES: frozenset[type] = frozenset({bytes, str, bool, type(None)})
-#: Key tuples (in their order in the map) already known to be in deterministic order,
-#: and key tuples already sorted: messages repeat a handful of field sets.
-_ORDERED_KEYS: set[tuple[str, ...]] = set()
+#: The deterministic order of each key tuple seen (a map's keys in their order in the
+#: map): messages repeat a handful of field sets, so each is sorted once.
 _SORTED_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {}
 _KEY_CACHE_SIZE = 4096
+_CACHED_KEYS_MAX = 32
+_CACHED_KEY_CHARS_MAX = 512
 
 
-def _check_plain(value: object, depth: int, *, local: bool) -> None:
-    """Raise unless ``value`` is plain (the types in the module docstring, maps with text
-    keys); with ``local=False`` (decoded input) also unless every map's keys are in
-    deterministic order, which :func:`decode` relies on."""
-    err: type[LocalProtocolError] | type[DecodeError] = LocalProtocolError if local else DecodeError
+def _in_range(value: int) -> bool:
+    """Inside CBOR major types 0/1 (no bignum tags)."""
+    return -(1 << 64) <= value < (1 << 64)
+
+
+def _check_decoded(value: object, depth: int) -> None:
+    """Raise :class:`DecodeError` unless a decoded ``value`` is plain (the types in the
+    module docstring, maps with text keys) with every map's keys in deterministic order,
+    which :func:`decode` relies on. cbor2 decodes to exact built-in types only."""
     if depth > MAX_DEPTH:
-        raise err("message nested too deeply")
+        raise DecodeError("message nested too deeply")
     kind = type(value)
     if kind in _LEAVES:
         return
     if kind is int:
-        # Keep integers inside CBOR major types 0/1 (no bignum tags).
-        if not -(1 << 64) <= value < (1 << 64):  # type: ignore[operator]
-            raise err("integer out of range")
+        if not _in_range(cast("int", value)):
+            raise DecodeError("integer out of range")
         return
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            _check_plain(item, depth + 1, local=local)
+    if kind is list:
+        for item in cast("list[object]", value):
+            _check_decoded(item, depth + 1)
         return
-    if isinstance(value, dict):
-        for key, item in value.items():
+    if kind is dict:
+        mapping = cast("dict[object, object]", value)
+        for key, item in mapping.items():
             if type(key) is not str:
-                raise err("map keys must be text strings")
+                raise DecodeError("map keys must be text strings")
             if type(item) not in _LEAVES:
-                _check_plain(item, depth + 1, local=local)
-        if not local and len(value) > 1:
-            keys = tuple(value)
-            if keys not in _ORDERED_KEYS:
-                if list(keys) != sorted(keys, key=_key_order):
-                    raise err("message is not canonically encoded")
-                if len(_ORDERED_KEYS) < _KEY_CACHE_SIZE:
-                    _ORDERED_KEYS.add(keys)
+                _check_decoded(item, depth + 1)
+        keys = cast("tuple[str, ...]", tuple(mapping))
+        if len(keys) > 1 and _sorted_keys(keys) != keys:
+            raise DecodeError("message is not canonically encoded")
         return
-    if isinstance(value, (bytes, str)):  # subclasses (str enums): as their base
-        return
-    if isinstance(value, int):
-        if not -(1 << 64) <= value < (1 << 64):
-            raise err("integer out of range")
-        return
-    raise err(f"type {kind.__name__} is not allowed in a canonical message")
+    raise DecodeError(f"type {kind.__name__} is not allowed in a canonical message")
 
 
-def _sorted_keys(value: dict[str, object]) -> tuple[str, ...]:
-    keys = tuple(value)
+def _sorted_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """``keys`` in deterministic order (:func:`_key_order`), each tuple sorted once."""
     known = _SORTED_KEYS.get(keys)
     if known is not None:
         return known
@@ -125,13 +120,20 @@ def _sorted_keys(value: dict[str, object]) -> tuple[str, ...]:
         ordered = tuple(sorted(keys, key=_key_order))
     except UnicodeEncodeError:
         raise LocalProtocolError("map keys must be valid Unicode text") from None
-    if len(_SORTED_KEYS) < _KEY_CACHE_SIZE:
+    # Only small key sets, a bounded number of them: decoded keys come from peers, and a
+    # message's field names are a few short words.
+    if (
+        len(_SORTED_KEYS) < _KEY_CACHE_SIZE
+        and len(keys) <= _CACHED_KEYS_MAX
+        and sum(map(len, keys)) <= _CACHED_KEY_CHARS_MAX
+    ):
         _SORTED_KEYS[keys] = ordered
     return ordered
 
 
 def _canonical(value: object, depth: int) -> object:
-    """``value`` checked as :func:`_check_plain` does (``local=True``), with every map
+    """``value`` checked to be plain (the types in the module docstring, maps with text
+    keys; subclasses of str, bytes and int taken as their base's data), with every map
     rebuilt in deterministic key order, so that cbor2's plain encoder writes the
     deterministic encoding.
 
@@ -147,7 +149,7 @@ def _canonical(value: object, depth: int) -> object:
     if kind in _LEAVES:
         return value
     if kind is int:
-        if not -(1 << 64) <= value < (1 << 64):  # type: ignore[operator]
+        if not _in_range(cast("int", value)):
             raise LocalProtocolError("integer out of range")
         return value
     if isinstance(value, (list, tuple)):
@@ -156,7 +158,7 @@ def _canonical(value: object, depth: int) -> object:
         for key in value:
             if type(key) is not str:
                 raise LocalProtocolError("map keys must be text strings")
-        keys = _sorted_keys(value) if len(value) > 1 else tuple(value)
+        keys = _sorted_keys(tuple(value)) if len(value) > 1 else tuple(value)
         out: dict[str, object] = {}
         for key in keys:
             item = value[key]
@@ -219,7 +221,7 @@ def decode(
     # Plain, and every map's keys in deterministic order: then the plain encoder writes the
     # deterministic encoding, and the input must be exactly that (minimal heads, no
     # trailing bytes).
-    _check_plain(body, 1, local=False)
+    _check_decoded(body, 1)
     if cbor2.dumps(obj) != data:
         raise DecodeError("message is not canonically encoded")
     return label, body

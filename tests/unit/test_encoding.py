@@ -33,17 +33,22 @@ class Sample(Message):
     pairs: tuple[int, ...] = ()
 
 
-plain = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**64), max_value=2**64 - 1)
-    | st.binary(max_size=64)
-    | st.text(max_size=32),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
-    ),
-    max_leaves=20,
-)
+def plain_values(keys: st.SearchStrategy[str], max_leaves: int) -> st.SearchStrategy[object]:
+    """Nested plain values (what a message body may hold), maps keyed by ``keys``."""
+    return st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**64), max_value=2**64 - 1)
+        | st.binary(max_size=64)
+        | st.text(max_size=32),
+        lambda children: (
+            st.lists(children, max_size=5) | st.dictionaries(keys, children, max_size=6)
+        ),
+        max_leaves=max_leaves,
+    )
+
+
+plain = plain_values(st.text(max_size=8), 20)
 bodies = st.dictionaries(st.text(max_size=8), plain, max_size=6)
 
 samples = st.builds(
@@ -92,15 +97,7 @@ keys = (
         ["é", "e", "ée", "z", "\u00ff", "\U0001f511", "aa", "ab", "b", "A" * 23, "A" * 24, "B" * 23]
     )
 )
-deep = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**64), max_value=2**64 - 1)
-    | st.binary(max_size=40)
-    | st.text(max_size=30),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=6),
-    max_leaves=30,
-)
+deep = plain_values(keys, 30)
 
 
 @settings(max_examples=500, deadline=None)
@@ -265,3 +262,15 @@ def test_str_and_int_enums_encode_as_their_values() -> None:
     plain = {"a": "red", "b": "r", "c": 3, "d": ["red"]}
     assert encode(LABEL, body) == encode(LABEL, plain)
     assert encode(LABEL, body) == cbor2.dumps([LABEL, plain], canonical=True)
+
+
+def test_only_small_key_sets_are_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Decoded keys come from peers: a map of many long keys is checked, never cached.
+    from keybroker import encoding
+
+    monkeypatch.setattr(encoding, "_SORTED_KEYS", {})  # other tests may have filled it
+    big = {f"{i:04d}" + "k" * 60: i for i in range(40)}
+    decode(LABEL, encode(LABEL, {"m": big}))
+    assert all(len(keys) < 40 for keys in encoding._SORTED_KEYS)
+    decode(LABEL, encode(LABEL, {"b": 1, "a": 2}))
+    assert encoding._SORTED_KEYS[("a", "b")] == ("a", "b")
