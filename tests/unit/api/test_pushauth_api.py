@@ -468,5 +468,7 @@ async def test_refused_answers_from_the_bus_change_nothing(env: Env, case: str) 
             server.answer_from_bus(payload)
     assert env.dump() == before
     # The session is still open for its own phone's answer, taken from the bus.
-    status = server.answer_from_bus(bus_answer(target, sealed_by(phone, target)))
-    assert status.state is LoginState.APPROVED
+    decided = server.answer_from_bus(bus_answer(target, sealed_by(phone, target)))
+    assert decided.status.state is LoginState.APPROVED
+    assert decided.receipt_topic == server.topic_of(phone.device)
+    assert AnswerTaken.decode(decided.receipt).challenge_id == target.challenge_id

@@ -47,8 +47,7 @@ from keybroker.api.pushauth_schemas import (
 from keybroker.api.routes._common import PUBLIC, SIGNED
 from keybroker.bus.interface import Bus
 from keybroker.errors import KeybrokerError, RemoteProtocolError, TransportError
-from keybroker.flows.pushauth.messages import AnswerTaken
-from keybroker.flows.pushauth.protocol import LoginState, read_bus_answer
+from keybroker.flows.pushauth.protocol import LoginState
 from keybroker.flows.pushauth.server import LoginStatus, PushAuthServer
 
 logger = logging.getLogger("keybroker.api.pushauth")
@@ -283,21 +282,15 @@ async def _judge_bus_answer(
     """Judge one answer; wake its terminal; send the phone its receipt."""
     try:
         try:
-            status = await run_in_threadpool(server.answer_from_bus, payload)
+            decided = await run_in_threadpool(server.answer_from_bus, payload)
         except KeybrokerError as exc:
             logger.info("an answer from the bus was refused (%s)", type(exc).__name__)
             return
     finally:
         slots.release()
-    ctx.keyed.wake(_login_key(status.session_id))
-    if status.device is not None:
-        challenge_id = read_bus_answer(payload)[0]
-        await _receipt(bus, server.topic_of(status.device), challenge_id)
-
-
-async def _receipt(bus: Bus, topic: str, challenge_id: bytes) -> None:
+    ctx.keyed.wake(_login_key(decided.status.session_id))
     try:
-        await bus.publish(topic, AnswerTaken(challenge_id).encode())
+        await bus.publish(decided.receipt_topic, decided.receipt)
     except KeybrokerError as exc:
         # The phone will post the answer again over HTTPS and be told it is decided.
         logger.info("no receipt for an answer taken from the bus (%s)", type(exc).__name__)

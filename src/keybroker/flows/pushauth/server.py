@@ -46,6 +46,7 @@ from keybroker.errors import (
     StoreError,
 )
 from keybroker.flows.pushauth.messages import (
+    AnswerTaken,
     LoginDecided,
     PhoneRegistered,
     ServerKeys,
@@ -165,6 +166,17 @@ class LoginStatus:
     sealed_token: bytes | None = field(default=None, repr=False)
     #: The phone the challenge went to (set when an answer decided the login).
     device: str | None = None
+
+
+@dataclass(frozen=True)
+class BusDecision:
+    """A login decided by an answer from the bus, and the phone's receipt."""
+
+    status: LoginStatus
+    #: Where the receipt goes: the phone's own topic.
+    receipt_topic: str
+    #: An :class:`~keybroker.flows.pushauth.messages.AnswerTaken`, encoded.
+    receipt: bytes
 
 
 @dataclass(frozen=True)
@@ -644,8 +656,9 @@ class PushAuthServer:
         """The topic phones publish their sealed answers on (one for the server, opaque)."""
         return principal_topic(ANSWERS_TOPIC_NAME, self._topic_salt(), prefix=TOPIC_PREFIX)
 
-    def answer_from_bus(self, payload: bytes) -> LoginStatus:
-        """Judge an answer a phone published on :meth:`answers_topic`.
+    def answer_from_bus(self, payload: bytes) -> BusDecision:
+        """Judge an answer a phone published on :meth:`answers_topic`; return the decision
+        and the receipt to publish for the phone.
 
         Anyone can publish there, so nothing about the sender is taken on trust: the
         challenge id only finds the login, and the answer must open with the server's
@@ -654,7 +667,9 @@ class PushAuthServer:
         message that fails any check changes nothing and raises the same typed errors.
         """
         challenge_id, sealed = read_bus_answer(payload)
-        return self.answer(None, challenge_id, sealed)
+        status = self.answer(None, challenge_id, sealed)
+        assert status.device is not None  # a decision by an answer names its phone
+        return BusDecision(status, self.topic_of(status.device), AnswerTaken(challenge_id).encode())
 
     def answer(self, device: PrincipalId | None, challenge_id: bytes, sealed: bytes) -> LoginStatus:
         """Judge a phone's sealed answer; decide the login or refuse with a typed error.
@@ -718,6 +733,7 @@ def ca_fingerprint(broker: Broker) -> bytes:
 
 __all__ = [
     "ENROL_SCHEME",
+    "BusDecision",
     "LoginStatus",
     "PhoneRegistration",
     "PushAuthServer",
