@@ -1118,15 +1118,20 @@ def _keyserver_load(address: str, mtls: Mtls, op: Op, ski: bytes, sni: str,
         return b"".join(frames)
 
     held = b""
+    # ``recv(n)`` would allocate n bytes per call (a fresh mapping at this size): receive
+    # into one buffer instead.
+    buffer = bytearray(1 << 18)
+    view = memoryview(buffer)
     with socket.create_connection((host, int(port)), timeout=30) as raw:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with context.wrap_socket(raw, server_hostname=KEYSERVER_NAME) as tls:
             tls.sendall(requests(depth))
             sending = True
             while outstanding:
-                data = tls.recv(1 << 18)
-                if not data:
+                size = tls.recv_into(buffer)
+                if not size:
                     raise Broken("the key server closed the connection")
+                data = bytes(view[:size])
                 held = held + data if held else data
                 position = answers = 0
                 while len(held) - position >= head_size:

@@ -50,6 +50,7 @@ from keybroker.errors import ConfigurationError
 from keybroker.flows.keyless.authz import KeyPolicy, StaticAuthorizer
 from keybroker.flows.keyless.codes import KEY_OPS, SIGN_HASH, ErrorCode, Op, Tag
 from keybroker.flows.keyless.keyserver import (
+    FastSigningKeySource,
     KeyServer,
     KeyServerConfig,
     KeyServerSettings,
@@ -189,7 +190,17 @@ Starter = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def start(material: Material, tmp_path: Path) -> AsyncIterator[Starter]:
+def pool() -> Pool:
+    """The executor of servers started with default settings (tests parametrize it)."""
+    return "thread"
+
+
+#: Where the inline pool's batch path must answer exactly as the dispatched one.
+POOLS_ANSWER_ALIKE = pytest.mark.parametrize("pool", ["thread", "inline"])
+
+
+@pytest.fixture
+async def start(material: Material, tmp_path: Path, pool: Pool) -> AsyncIterator[Starter]:
     servers: list[KeyServer] = []
 
     async def start_server(
@@ -209,7 +220,9 @@ async def start(material: Material, tmp_path: Path) -> AsyncIterator[Starter]:
             keys if keys is not None else PemKeySource(keys_dir),
             StaticAuthorizer.from_file(grants_path),
             server_tls_context(files),
-            settings if settings is not None else KeyServerSettings(workers=2, idle_timeout=30),
+            settings
+            if settings is not None
+            else KeyServerSettings(workers=2, idle_timeout=30, pool=pool),
             tls_files=files,
         )
         servers.append(server)
@@ -242,6 +255,7 @@ def item(tag: int, data: bytes) -> bytes:
 # --- every opcode ---------------------------------------------------------------------------
 
 
+@POOLS_ANSWER_ALIKE
 @pytest.mark.parametrize("name", ["rsa", "p256", "ed25519"])
 async def test_every_opcode_of_each_key_verifies(
     start: Starter, material: Material, name: str
@@ -356,9 +370,181 @@ async def test_more_than_max_pending_is_overloaded(
     await running.assert_healthy()
 
 
+@POOLS_ANSWER_ALIKE
+async def test_one_read_of_mixed_requests_is_answered_request_by_request(
+    start: Starter, material: Material, pool: Pool
+) -> None:
+    """Requests that arrive together (one write, one read: the inline pool's batch) are
+    answered one by one, refusals and failures among them, exactly as requests that
+    arrive alone; the metrics count each."""
+    running = await start()
+    keys = material.keys
+    p256, rsa, ed25519 = keys["p256"], keys["rsa"], keys["ed25519"]
+    reader, writer = await running.raw()
+
+    def frame(request_id: int, op: Op, key_ski: bytes | None, payload: bytes) -> bytes:
+        request = Request(request_id, op, ski=key_ski, sni="a.example", payload=payload)
+        return encode_request(request)
+
+    signing = [
+        (p256, Op.ECDSA_SIGN_SHA256),
+        (rsa, Op.RSA_PSS_SIGN_SHA256),
+        (ed25519, Op.ED25519_SIGN),
+    ]
+    try:
+        # First read: each key and opcode once (a key source learns its shortcuts here).
+        sent = {
+            index: (key, op, payload_for(op, key)) for index, (key, op) in enumerate(signing, 1)
+        }
+        writer.write(
+            b"".join(frame(i, op, ski(k), payload) for i, (k, op, payload) in sent.items())
+        )
+        for _ in range(len(sent)):
+            response = await read_raw(reader)
+            assert response is not None and response.error_code is None
+            key, op, payload = sent.pop(response.id)
+            check_result(op, key.public_key(), payload, response.payload)
+        before = dict(running.server.metrics.requests)
+        # Second read: good requests around every kind of refusal and failure.
+        good: dict[int, tuple[PrivateKey, Op, bytes]] = {}
+        frames: list[bytes] = []
+        expected: dict[int, ErrorCode | None] = {}
+        wrong = [
+            (Op.ECDSA_SIGN_SHA256, ski(p256), bytes(31), ErrorCode.FORMAT),  # digest length
+            (Op.ECDSA_SIGN_SHA256, secrets.token_bytes(20), bytes(32), ErrorCode.NOT_AUTHORIZED),
+            (Op.ECDSA_SIGN_SHA256, GHOST_SKI, bytes(32), ErrorCode.KEY_NOT_FOUND),
+            (Op.RSA_PSS_SIGN_SHA256, ski(p256), bytes(32), ErrorCode.UNEXPECTED_OPCODE),
+            (
+                Op.RSA_DECRYPT,
+                ski(keys["rsa-nodecrypt"]),
+                payload_for(Op.RSA_DECRYPT, keys["rsa-nodecrypt"]),
+                ErrorCode.NOT_AUTHORIZED,
+            ),
+            (Op.ECDSA_SIGN_SHA256, None, bytes(32), ErrorCode.FORMAT),  # no SKI
+        ]
+        request_id = 100
+        for round_ in range(3):
+            for key, op in signing:
+                payload = payload_for(op, key)[:-1] + bytes([round_])
+                good[request_id] = (key, op, payload)
+                expected[request_id] = None
+                frames.append(frame(request_id, op, ski(key), payload))
+                request_id += 1
+            if round_ < 2:
+                for op, key_ski, payload, code in wrong:
+                    expected[request_id] = code
+                    frames.append(frame(request_id, op, key_ski, payload))
+                    request_id += 1
+        frames.insert(5, frame(99, Op.PING, None, b"echo"))
+        writer.write(b"".join(frames))
+        responses = [await read_raw(reader) for _ in frames]
+        pong = next(r for r in responses if r is not None and r.id == 99)
+        assert (pong.op, pong.payload) == (Op.PONG, b"echo")
+        answered = {r.id: r for r in responses if r is not None and r.id != 99}
+        assert sorted(answered) == sorted(expected)
+        for response_id, code in expected.items():
+            response = answered[response_id]
+            assert response.error_code is code, (response_id, response)
+            if code is None:
+                key, op, payload = good[response_id]
+                check_result(op, key.public_key(), payload, response.payload)
+    finally:
+        writer.close()
+    counted = {
+        label: count - before.get(label, 0)
+        for label, count in running.server.metrics.requests.items()
+        if count != before.get(label, 0)
+    }
+    assert counted == {
+        ("ECDSA_SIGN_SHA256", "ok"): 3,
+        ("RSA_PSS_SIGN_SHA256", "ok"): 3,
+        ("ED25519_SIGN", "ok"): 3,
+        ("ECDSA_SIGN_SHA256", "FORMAT"): 4,
+        ("ECDSA_SIGN_SHA256", "NOT_AUTHORIZED"): 2,
+        ("ECDSA_SIGN_SHA256", "KEY_NOT_FOUND"): 2,
+        ("RSA_PSS_SIGN_SHA256", "UNEXPECTED_OPCODE"): 2,
+        ("RSA_DECRYPT", "NOT_AUTHORIZED"): 2,
+        ("PING", "ok"): 1,
+    }
+    assert running.server.pending == 0
+    await running.assert_healthy()
+
+
+class FailingShortcuts:
+    """A :class:`PemKeySource` whose signing shortcuts always raise."""
+
+    def __init__(self, inner: PemKeySource) -> None:
+        self.inner = inner
+        self.failed = 0
+
+    def skis(self) -> Sequence[bytes]:
+        return self.inner.skis()
+
+    def perform(self, ski: bytes, op: Op, payload: bytes) -> bytes:
+        return self.inner.perform(ski, op, payload)
+
+    def fast_signer(self, ski: bytes, op: Op) -> tuple[int, Callable[[bytes], bytes]] | None:
+        found = self.inner.fast_signer(ski, op)
+        if found is None:
+            return None
+
+        def broken(digest: bytes) -> bytes:
+            self.failed += 1
+            raise RuntimeError("the shortcut broke")
+
+        return found[0], broken
+
+    def reload(self) -> FailingShortcuts:
+        return self
+
+    def describe(self) -> str:
+        return "failing shortcuts"
+
+
+async def test_a_shortcut_that_fails_falls_back_to_the_full_path(
+    start: Starter, material: Material, tmp_path: Path
+) -> None:
+    write_keys(tmp_path / "keys", material.keys)
+    source = FailingShortcuts(PemKeySource(tmp_path / "keys"))
+    assert isinstance(source, FastSigningKeySource)
+    running = await start(keys=source, settings=KeyServerSettings(workers=1, pool="inline"))
+    client = await running.connect()
+    key = material.keys["p256"]
+    try:
+        for _ in range(3):
+            payload = secrets.token_bytes(32)
+            response = await client.call(Op.ECDSA_SIGN_SHA256, ski(key), payload)
+            assert response.error_code is None
+            check_result(Op.ECDSA_SIGN_SHA256, key.public_key(), payload, response.payload)
+    finally:
+        await client.close()
+    assert source.failed == 2  # learnt by the first request, tried and dropped by the others
+
+
+def test_pem_key_source_hands_out_a_shortcut_once_learnt(
+    material: Material, tmp_path: Path
+) -> None:
+    write_keys(tmp_path / "keys", material.keys)
+    source = PemKeySource(tmp_path / "keys")
+    key = material.keys["p256"]
+    assert source.fast_signer(ski(key), Op.ECDSA_SIGN_SHA256) is None
+    source.perform(ski(key), Op.ECDSA_SIGN_SHA256, bytes(32))
+    found = source.fast_signer(ski(key), Op.ECDSA_SIGN_SHA256)
+    assert found is not None
+    size, sign = found
+    assert size == 32
+    digest = secrets.token_bytes(32)
+    check_result(Op.ECDSA_SIGN_SHA256, key.public_key(), digest, sign(digest))
+    # An operation without a shortcut (a raw decryption) never has one.
+    rsa = material.keys["rsa"]
+    source.perform(ski(rsa), Op.RSA_DECRYPT, payload_for(Op.RSA_DECRYPT, rsa))
+    assert source.fast_signer(ski(rsa), Op.RSA_DECRYPT) is None
+
+
 # --- hostile and broken input ---------------------------------------------------------------
 
 
+@POOLS_ANSWER_ALIKE
 async def test_malformed_bodies_are_answered_and_the_connection_goes_on(
     start: Starter, material: Material
 ) -> None:
@@ -446,6 +632,7 @@ async def test_a_truncated_frame_then_close_leaves_nothing_behind(
     await running.assert_healthy()
 
 
+@POOLS_ANSWER_ALIKE
 async def test_unknown_and_ungranted_keys(start: Starter, material: Material) -> None:
     running = await start()
     edge1 = await running.connect()
@@ -470,6 +657,7 @@ async def test_unknown_and_ungranted_keys(start: Starter, material: Material) ->
     await running.assert_healthy()
 
 
+@POOLS_ANSWER_ALIKE
 async def test_rsa_decrypt_needs_the_keys_policy(start: Starter, material: Material) -> None:
     running = await start()
     client = await running.connect()
@@ -509,6 +697,7 @@ async def test_edges_without_a_broker_certificate_are_refused_at_the_handshake(
     await running.assert_healthy()
 
 
+@POOLS_ANSWER_ALIKE
 async def test_a_certificate_without_a_keybroker_uri_is_refused_at_the_first_request(
     start: Starter, material: Material, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -835,6 +1024,7 @@ async def test_reload_rotates_the_server_certificate(material: Material, tmp_pat
 # --- health, metrics, shutdown --------------------------------------------------------------
 
 
+@POOLS_ANSWER_ALIKE
 async def test_health_and_metrics_endpoint(
     start: Starter, material: Material, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keybroker.errors import DecodeError, RemoteProtocolError
+from keybroker.errors import DecodeError, LocalProtocolError, RemoteProtocolError
 from keybroker.flows.keyless.codes import ErrorCode, Op, Tag
 from keybroker.flows.keyless.protocol import (
+    HEADER,
     MAX_ID,
     REQUEST_OPS,
     BadRequest,
     ClientConnection,
     ConnectionBroken,
+    Event,
+    Operation,
     Request,
     RequestReceived,
     Response,
@@ -202,6 +206,114 @@ def test_the_fast_request_decoder_agrees_with_the_full_one(frame: bytes) -> None
 def test_the_fast_request_decoder_takes_what_an_edge_sends(request: Request) -> None:
     frame = encode_request(request)
     assert _fast_request(request.id, frame, 8, len(frame)) == request
+
+
+def expected_events(data: bytes, max_frame: int = 4096) -> list[Event]:
+    """What a fresh server connection must report for ``data``, frame by frame, from the
+    full decoder (a second request with an outstanding id is a ``FORMAT`` error)."""
+    events: list[Event] = []
+    outstanding: set[int] = set()
+    offset = 0
+    while len(data) - offset >= 8:
+        major, _minor, length, request_id = HEADER.unpack_from(data, offset)
+        if major != 1:
+            return [*events, ConnectionBroken(request_id, ErrorCode.VERSION_MISMATCH)]
+        if length > max_frame:
+            return [*events, ConnectionBroken(request_id, ErrorCode.FORMAT)]
+        if len(data) - offset - 8 < length:
+            break
+        body = data[offset + 8 : offset + 8 + length]
+        offset += 8 + length
+        try:
+            request = _decode_request_body(request_id, body)
+        except DecodeError as exc:
+            events.append(BadRequest(request_id, ErrorCode(exc.code)))
+            continue
+        if request_id in outstanding:
+            events.append(BadRequest(request_id, ErrorCode.FORMAT))
+            continue
+        outstanding.add(request_id)
+        events.append(RequestReceived(request))
+    return events
+
+
+#: Frames near what an edge sends, and runs of them: the server's fast paths see them all.
+edge_like = st.one_of(
+    request_like, edge_requests.map(encode_request), mutated(edge_requests.map(encode_request))
+)
+edge_runs = st.lists(edge_like, min_size=1, max_size=4).map(b"".join)
+
+
+@FUZZ
+@given(edge_runs)
+def test_the_server_connection_reports_what_the_full_decoder_decodes(frame: bytes) -> None:
+    """Frame by frame, fast paths or not, the server reports exactly the full decoder's
+    request or error. ``receive_operations`` hands some key operations (with an SKI, not a
+    PING) over as tuples of the same fields and reports everything else as ``receive_data``
+    does."""
+    expected = expected_events(frame)
+    assert ServerConnection().receive_data(frame) == expected
+    server = ServerConnection()
+    operations: list[Operation] = []
+    events = server.receive_operations(frame, operations)
+    requests = {e.request.id: e.request for e in expected if isinstance(e, RequestReceived)}
+    assert [e for e in events if not isinstance(e, RequestReceived)] == [
+        e for e in expected if not isinstance(e, RequestReceived)
+    ]
+    reported = {e.request.id: e.request for e in events if isinstance(e, RequestReceived)}
+    assert all(requests.get(request_id) == request for request_id, request in reported.items())
+    for request_id, op, ski, payload in operations:
+        assert request_id not in reported
+        request = requests[request_id]
+        assert (request.op, request.ski, request.payload) == (op, ski, payload)
+        assert op is not Op.PING and ski is not None
+    assert {*reported, *(operation[0] for operation in operations)} == set(requests)
+    assert server.pending == len(requests)
+
+
+@FUZZ
+@given(st.lists(edge_requests, max_size=6, unique_by=lambda request: request.id))
+def test_what_an_edge_sends_is_handed_over_as_operations(requests: list[Request]) -> None:
+    server = ServerConnection()
+    operations: list[Operation] = []
+    events = server.receive_operations(
+        b"".join(encode_request(request) for request in requests), operations
+    )
+    keyed = [r for r in requests if r.op is not Op.PING and r.ski is not None]
+    assert operations == [(r.id, r.op, r.ski, r.payload) for r in keyed]
+    assert events == [RequestReceived(r) for r in requests if r not in keyed]
+
+
+@FUZZ
+@given(
+    st.lists(edge_requests, max_size=8, unique_by=lambda request: request.id),
+    st.lists(st.binary(max_size=300), max_size=8),
+)
+def test_send_oks_frames_as_send_ok_does(requests: list[Request], payloads: list[bytes]) -> None:
+    """One call for a batch: the same frames, the same checks, as one call per reply."""
+    one, batch = ServerConnection(), ServerConnection()
+    wire = b"".join(encode_request(request) for request in requests)
+    one.receive_data(wire)
+    batch.receive_data(wire)
+    answers = [
+        (request.id, payload)
+        for request, payload in zip(requests, payloads, strict=False)
+        if request.op is not Op.PING and payload
+    ]
+    expected = b"".join(one.send_ok(request_id, payload) for request_id, payload in answers)
+    assert batch.send_oks([a[0] for a in answers], [a[1] for a in answers]) == expected
+    assert batch.pending == one.pending
+    for request_id, payload in answers:  # nothing is owed twice
+        with pytest.raises(LocalProtocolError):
+            batch.send_oks([request_id], [payload])
+
+
+def test_send_oks_refuses_unequal_lists() -> None:
+    server = ServerConnection()
+    server.receive_data(encode_request(Request(1, Op.ECDSA_SIGN_SHA256, ski=bytes(20))))
+    with pytest.raises(LocalProtocolError, match="as many payloads"):
+        server.send_oks([1], [])
+    assert server.pending == 1
 
 
 # -- connections ------------------------------------------------------------------------------

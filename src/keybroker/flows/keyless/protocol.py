@@ -43,8 +43,9 @@ import ipaddress
 import re
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from keybroker.errors import (
     ConfigurationError,
@@ -103,6 +104,12 @@ _T_PADDING: Final = int(Tag.PADDING)
 _OK_HEAD: Final = struct.Struct(">BBHIBHBBH")
 _OK_BODY_OVERHEAD: Final = 2 * ITEM.size + 1
 _OP_RESPONSE: Final = int(Op.RESPONSE)
+#: The fast request decoder's fixed-layout reads: OPCODE item, SNI item header; then SKI
+#: item, PAYLOAD item header.
+_LEAD: Final = struct.Struct(">BHBBH")
+#: A frame's header and :data:`_LEAD`, read at once.
+_HEADER_LEAD: Final = struct.Struct(">BBHIBHBBH")
+_MIDDLE: Final = struct.Struct(">BH20sBH")
 
 
 def _check_id(value: object, what: str) -> None:
@@ -384,18 +391,75 @@ def _decode_request_body(request_id: int, body: bytes) -> Request:
         raise DecodeError(str(exc), code=exc.code) from None
 
 
-def _fast_request(request_id: int, data: bytes, start: int, end: int) -> Request | None:
-    """The request whose body is ``data[start:end]``, if it has the usual shape; else ``None``.
+#: What :func:`_fast_fields` reads from a body: opcode, SKI, SNI (ASCII bytes), payload.
+_Fields: TypeAlias = tuple[Op, bytes | None, bytes | None, bytes]
+
+#: A key operation as :meth:`ServerConnection.receive_operations` hands it over: request id,
+#: opcode (a request opcode other than PING), SKI (20 bytes), payload.
+Operation: TypeAlias = tuple[int, Op, bytes, bytes]
+
+
+#: Host names (SNI item bytes) found valid, so that the next request naming one is not
+#: matched again; bounded (names come from peers): once full, further names are matched
+#: each time.
+_GOOD_SNI: Final[set[bytes]] = set()
+_GOOD_SNI_MAX: Final = 1024
+
+
+def _good_sni(sni: bytes) -> bool:
+    if sni in _GOOD_SNI:
+        return True
+    if len(sni) > MAX_SNI_LENGTH or _HOSTNAME_BYTES.fullmatch(sni) is None:
+        return False
+    if len(_GOOD_SNI) < _GOOD_SNI_MAX:
+        _GOOD_SNI.add(sni)
+    return True
+
+
+def _fast_fields(data: bytes, start: int, end: int) -> _Fields | None:
+    """The fields of the body ``data[start:end]``, if it has the usual shape; else ``None``.
 
     The usual shape is what an edge sends: items OPCODE (a request opcode), SKI (20 bytes),
     SNI (a host name), PAYLOAD and PADDING, each at most once, in any order, none running
-    past the body. For such a body the result equals :func:`_decode_request_body`'s, built
-    without its intermediate dictionary and without re-checking in ``Request`` what was
-    checked here. Anything else (another tag, a bad length, an error of any kind) gives
-    ``None``, and the full decoder then decides, with its exact error codes.
+    past the body. Such a body decodes to the same request with :func:`_decode_request_body`,
+    whose checks are all made here. Anything else (another tag, a bad length, an error of any
+    kind) gives ``None``, and the full decoder then decides, with its exact error codes.
+
+    The layout :func:`encode_request` writes (OPCODE, SNI, SKI, PAYLOAD, then PADDING to the
+    end or nothing) is recognised with two fixed-layout reads before the general item walk.
     """
+    if end - start >= _LEAD.size:
+        tag_op, op_length, number, tag_sni, sni_length = _LEAD.unpack_from(data, start)
+        sni_end = start + _LEAD.size + sni_length
+        if (
+            tag_op == _T_OPCODE
+            and op_length == 1
+            and tag_sni == _T_SNI
+            and sni_end + _MIDDLE.size <= end
+        ):
+            tag_ski, ski_length, key_id, tag_payload, size = _MIDDLE.unpack_from(data, sni_end)
+            payload_end = sni_end + _MIDDLE.size + size
+            if (
+                tag_ski == _T_SKI
+                and ski_length == SKI_LENGTH
+                and tag_payload == _T_PAYLOAD
+                and (
+                    payload_end == end
+                    or (
+                        payload_end + 3 <= end
+                        and ITEM.unpack_from(data, payload_end)
+                        == (_T_PADDING, end - payload_end - 3)
+                    )
+                )
+            ):
+                request_op = _REQUEST_OP_BY_NUMBER.get(number)
+                host = data[start + _LEAD.size : sni_end]
+                if request_op is None or not _good_sni(host):
+                    return None
+                return request_op, key_id, host, data[payload_end - size : payload_end]
     op: Op | None = None
-    ski = sni = None
+    ski: bytes | None = None
+    sni: bytes | None = None
     payload = b""
     seen = 0
     offset = start
@@ -426,13 +490,19 @@ def _fast_request(request_id: int, data: bytes, start: int, end: int) -> Request
                 return None
         elif tag == _T_SNI:
             sni = data[offset:item_end]
-            if length > MAX_SNI_LENGTH or _HOSTNAME_BYTES.fullmatch(sni) is None:
+            if not _good_sni(sni):
                 return None
         elif tag != _T_PADDING:  # padding is skipped; anything else takes the full decoder
             return None
         offset = item_end
     if op is None:
         return None
+    return op, ski, sni, payload
+
+
+def _request_of(request_id: int, fields: _Fields) -> Request:
+    """The :class:`Request` of checked fields, built without checking them again."""
+    op, ski, sni, payload = fields
     request: Request = object.__new__(Request)
     request.__dict__.update(
         id=request_id,
@@ -445,6 +515,13 @@ def _fast_request(request_id: int, data: bytes, start: int, end: int) -> Request
         payload=payload,
     )
     return request
+
+
+def _fast_request(request_id: int, data: bytes, start: int, end: int) -> Request | None:
+    """The request whose body is ``data[start:end]``, if it has the usual shape (see
+    :func:`_fast_fields`); else ``None``. Equal to :func:`_decode_request_body`'s."""
+    fields = _fast_fields(data, start, end)
+    return None if fields is None else _request_of(request_id, fields)
 
 
 def _decode_response_body(response_id: int, body: bytes) -> Response:
@@ -553,6 +630,19 @@ class ServerConnection:
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Events for every frame ``data`` completes; stops at a :class:`ConnectionBroken`."""
+        return self._receive(data, None)
+
+    def receive_operations(self, data: bytes, operations: list[Operation]) -> list[Event]:
+        """:meth:`receive_data`, but each key operation of the usual shape (an edge's
+        request: see :func:`_fast_fields`, with an SKI, not a PING) is appended to
+        ``operations`` as an :data:`Operation` instead of being returned as a
+        :class:`RequestReceived` (no objects per request: the key server's hot path). Each
+        is outstanding and owed one answer exactly as a :class:`RequestReceived` is."""
+        return self._receive(data, operations)
+
+    def _receive(  # noqa: PLR0915 - one loop on purpose: the key server's hot path
+        self, data: bytes, operations: list[Operation] | None
+    ) -> list[Event]:
         if self._broken:
             raise LocalProtocolError("the connection is broken: close it, do not feed it")
         buffer = self._buffer
@@ -567,10 +657,66 @@ class ServerConnection:
         size = len(view)
         events: list[Event] = []
         outstanding = self._outstanding
+        max_frame = self._max_frame
+        max_pending = self._max_pending
+        ping = Op.PING
+        lead = _HEADER_LEAD.unpack_from
+        lead_size = _HEADER_LEAD.size
+        middle = _MIDDLE.unpack_from
+        middle_size = _MIDDLE.size
+        item = ITEM.unpack_from
+        request_ops = _REQUEST_OP_BY_NUMBER
+        good_sni = _GOOD_SNI
         offset = 0
         while size - offset >= HEADER_LENGTH:
+            # First the layout encode_request writes (see _fast_fields), read in place.
+            if size - offset >= lead_size:
+                (major, _minor, length, request_id, tag_op, op_length, number, tag_sni,
+                 sni_length) = lead(view, offset)  # fmt: skip
+                sni_end = offset + lead_size + sni_length
+                end = offset + HEADER_LENGTH + length
+                if (
+                    major == VERSION_MAJOR
+                    and length <= max_frame
+                    and end <= size
+                    and tag_op == _T_OPCODE
+                    and op_length == 1
+                    and tag_sni == _T_SNI
+                    and sni_end + middle_size <= end
+                ):
+                    tag_ski, ski_length, ski, tag_payload, payload_size = middle(view, sni_end)
+                    payload_end = sni_end + middle_size + payload_size
+                    op = request_ops.get(number)
+                    sni = view[offset + lead_size : sni_end]
+                    if (
+                        tag_ski == _T_SKI
+                        and ski_length == SKI_LENGTH
+                        and tag_payload == _T_PAYLOAD
+                        and op is not None
+                        and op is not ping
+                        and (
+                            payload_end == end
+                            or (
+                                payload_end + 3 <= end
+                                and item(view, payload_end) == (_T_PADDING, end - payload_end - 3)
+                            )
+                        )
+                        and (sni in good_sni or _good_sni(sni))
+                        and request_id not in outstanding
+                        and len(outstanding) < max_pending
+                    ):
+                        offset = end
+                        outstanding[request_id] = op
+                        payload = view[payload_end - payload_size : payload_end]
+                        if operations is not None:
+                            operations.append((request_id, op, ski, payload))
+                        else:
+                            events.append(
+                                RequestReceived(_request_of(request_id, (op, ski, sni, payload)))
+                            )
+                        continue
             major, _minor, length, request_id = HEADER.unpack_from(view, offset)
-            if major != VERSION_MAJOR or length > self._max_frame:
+            if major != VERSION_MAJOR or length > max_frame:
                 code = ErrorCode.VERSION_MISMATCH if major != VERSION_MAJOR else ErrorCode.FORMAT
                 self._broken = True
                 self._owed_errors[request_id] += 1
@@ -581,14 +727,18 @@ class ServerConnection:
             if size < end:
                 break
             offset = end
-            request = _fast_request(request_id, view, start, end)
+            fields = _fast_fields(view, start, end)
             if (
-                request is not None
+                fields is not None
                 and request_id not in outstanding
-                and len(outstanding) < self._max_pending
+                and len(outstanding) < max_pending
             ):
-                outstanding[request_id] = request.op
-                events.append(RequestReceived(request))
+                op, ski = fields[0], fields[1]
+                outstanding[request_id] = op
+                if operations is not None and ski is not None and op is not ping:
+                    operations.append((request_id, op, ski, fields[3]))
+                else:
+                    events.append(RequestReceived(_request_of(request_id, fields)))
             else:
                 events.append(self._accept(request_id, view[start:end]))
         if offset < size:
@@ -648,6 +798,33 @@ class ServerConnection:
             )  # fmt: skip
             return head + payload
         return self.send_response(Response.ok(request_id, payload))
+
+    def send_oks(self, request_ids: Sequence[int], payloads: Sequence[bytes]) -> bytes:
+        """The frames of ``send_ok(request_ids[i], payloads[i])`` for every ``i``, joined
+        (the same frames and checks, one call for a batch of replies)."""
+        if len(request_ids) != len(payloads):
+            raise LocalProtocolError("as many payloads as request ids are needed")
+        outstanding = self._outstanding
+        pack = _OK_HEAD.pack
+        ping = Op.PING
+        limit = MAX_BODY_LENGTH - _OK_BODY_OVERHEAD
+        frames: list[bytes] = []
+        for request_id, payload in zip(request_ids, payloads, strict=True):
+            size = len(payload)
+            if (
+                type(payload) is bytes
+                and 0 < size <= limit
+                and outstanding.get(request_id, ping) is not ping
+            ):
+                del outstanding[request_id]
+                head = pack(
+                    VERSION_MAJOR, VERSION_MINOR, _OK_BODY_OVERHEAD + size, request_id,
+                    _T_OPCODE, 1, _OP_RESPONSE, _T_PAYLOAD, size,
+                )  # fmt: skip
+                frames.append(head + payload)
+            else:
+                frames.append(self.send_response(Response.ok(request_id, payload)))
+        return b"".join(frames)
 
 
 @dataclass(frozen=True)
@@ -804,6 +981,7 @@ __all__ = [
     "ConnectionBroken",
     "Event",
     "IPAddress",
+    "Operation",
     "Request",
     "RequestReceived",
     "Response",
