@@ -16,7 +16,7 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -38,6 +38,7 @@ from tests.flows.keyless.softhsm import USER_PIN, start_softhsm
 from keybroker.flows.keyless.codes import ErrorCode, Op
 from keybroker.flows.keyless.operations import PrivateKey
 from keybroker.flows.keyless.pkcs11keys import import_private_key
+from keybroker.flows.keyless.protocol import Response
 
 KEYSERVER = [sys.executable, "-m", "keybroker.flows.keyless.keyserver_cli"]
 READY = re.compile(
@@ -131,6 +132,25 @@ async def metric(url: str, name: str, labels: dict[str, str]) -> float | None:
     return None
 
 
+async def admitted_so_far(url: str, ops: Sequence[Op]) -> tuple[float, float]:
+    """(requests with one of ``ops`` answered ok plus key operations pending, pending)."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url + "/metrics")).text
+    answered = pending = 0.0
+    names = {op.name for op in ops}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "keyless_pending_requests":
+                pending = sample.value
+            elif (
+                sample.name == "keyless_requests_total"
+                and sample.labels.get("op") in names
+                and sample.labels.get("result") == "ok"
+            ):
+                answered += sample.value
+    return answered + pending, pending
+
+
 async def wait_for_metric(url: str, name: str, labels: dict[str, str], value: float) -> None:
     async with asyncio.timeout(20):
         while await metric(url, name, labels) != value:
@@ -177,16 +197,23 @@ async def test_serves_reloads_on_sighup_and_stops_gracefully_on_sigterm(setup: S
         await edge2.close()
 
         # SIGTERM with requests in flight: what was admitted is answered, then a clean stop.
+        # SIGTERM goes once the server has read (admitted) every request and while most
+        # are still being signed; a request still on the wire at SIGTERM would be left
+        # unread, which is not what this checks.
+        ops = (Op.RSA_SIGN_SHA256, Op.RSA_PSS_SIGN_SHA384)
         sent = {}
-        for index in range(128):
-            op = (Op.RSA_SIGN_SHA256, Op.RSA_PSS_SIGN_SHA384)[index % 2]
+        for index in range(768):
+            op = ops[index % 2]
             payload = payload_for(op, keys["rsa"])
             sent[edge1.send(op, ski(keys["rsa"]), payload)] = (op, payload)
-        first = await edge1.receive(1)
+        async with asyncio.timeout(20):
+            while (admitted := await admitted_so_far(server.metrics_url, ops))[0] < len(sent):
+                pass
         server.process.send_signal(signal.SIGTERM)
-        responses = list(first)
+        assert admitted[1] > 0, "every request was answered before SIGTERM: nothing in flight"
+        responses: list[Response] = []
         with contextlib.suppress(ConnectionError, ssl.SSLError):
-            responses += await edge1.receive(len(sent) - len(first), timeout=20)
+            responses += await edge1.receive(len(sent), timeout=20)
         assert sorted(r.id for r in responses) == sorted(sent)
         for response in responses:
             op, payload = sent[response.id]
