@@ -100,15 +100,13 @@ _T_SKI: Final = int(Tag.SKI)
 _T_SNI: Final = int(Tag.SNI)
 _T_PAYLOAD: Final = int(Tag.PAYLOAD)
 _T_PADDING: Final = int(Tag.PADDING)
-#: header | OPCODE item (RESPONSE) | PAYLOAD item header: a RESPONSE frame but its payload.
-_OK_HEAD: Final = struct.Struct(">BBHIBHBBH")
+#: header | OPCODE item | the next item's header. Written for a RESPONSE frame but its
+#: payload (the next item is PAYLOAD); read first from a request in the layout
+#: encode_request writes (the next item is SNI).
+_LEAD: Final = struct.Struct(">BBHIBHBBH")
 _OK_BODY_OVERHEAD: Final = 2 * ITEM.size + 1
 _OP_RESPONSE: Final = int(Op.RESPONSE)
-#: The fast request decoder's fixed-layout reads: OPCODE item, SNI item header; then SKI
-#: item, PAYLOAD item header.
-_LEAD: Final = struct.Struct(">BHBBH")
-#: A frame's header and :data:`_LEAD`, read at once.
-_HEADER_LEAD: Final = struct.Struct(">BBHIBHBBH")
+#: After the SNI in that layout: the SKI item, then the PAYLOAD item's header.
 _MIDDLE: Final = struct.Struct(">BH20sBH")
 
 
@@ -424,39 +422,9 @@ def _fast_fields(data: bytes, start: int, end: int) -> _Fields | None:
     past the body. Such a body decodes to the same request with :func:`_decode_request_body`,
     whose checks are all made here. Anything else (another tag, a bad length, an error of any
     kind) gives ``None``, and the full decoder then decides, with its exact error codes.
-
-    The layout :func:`encode_request` writes (OPCODE, SNI, SKI, PAYLOAD, then PADDING to the
-    end or nothing) is recognised with two fixed-layout reads before the general item walk.
+    (:meth:`ServerConnection.receive_data` first tries the layout :func:`encode_request`
+    writes with two fixed-layout reads, and comes here for anything else.)
     """
-    if end - start >= _LEAD.size:
-        tag_op, op_length, number, tag_sni, sni_length = _LEAD.unpack_from(data, start)
-        sni_end = start + _LEAD.size + sni_length
-        if (
-            tag_op == _T_OPCODE
-            and op_length == 1
-            and tag_sni == _T_SNI
-            and sni_end + _MIDDLE.size <= end
-        ):
-            tag_ski, ski_length, key_id, tag_payload, size = _MIDDLE.unpack_from(data, sni_end)
-            payload_end = sni_end + _MIDDLE.size + size
-            if (
-                tag_ski == _T_SKI
-                and ski_length == SKI_LENGTH
-                and tag_payload == _T_PAYLOAD
-                and (
-                    payload_end == end
-                    or (
-                        payload_end + 3 <= end
-                        and ITEM.unpack_from(data, payload_end)
-                        == (_T_PADDING, end - payload_end - 3)
-                    )
-                )
-            ):
-                request_op = _REQUEST_OP_BY_NUMBER.get(number)
-                host = data[start + _LEAD.size : sni_end]
-                if request_op is None or not _good_sni(host):
-                    return None
-                return request_op, key_id, host, data[payload_end - size : payload_end]
     op: Op | None = None
     ski: bytes | None = None
     sni: bytes | None = None
@@ -660,8 +628,8 @@ class ServerConnection:
         max_frame = self._max_frame
         max_pending = self._max_pending
         ping = Op.PING
-        lead = _HEADER_LEAD.unpack_from
-        lead_size = _HEADER_LEAD.size
+        lead = _LEAD.unpack_from
+        lead_size = _LEAD.size
         middle = _MIDDLE.unpack_from
         middle_size = _MIDDLE.size
         item = ITEM.unpack_from
@@ -792,7 +760,7 @@ class ServerConnection:
         ):
             del self._outstanding[request_id]
             size = len(payload)
-            head = _OK_HEAD.pack(
+            head = _LEAD.pack(
                 VERSION_MAJOR, VERSION_MINOR, _OK_BODY_OVERHEAD + size, request_id,
                 _T_OPCODE, 1, _OP_RESPONSE, _T_PAYLOAD, size,
             )  # fmt: skip
@@ -805,7 +773,7 @@ class ServerConnection:
         if len(request_ids) != len(payloads):
             raise LocalProtocolError("as many payloads as request ids are needed")
         outstanding = self._outstanding
-        pack = _OK_HEAD.pack
+        pack = _LEAD.pack
         ping = Op.PING
         limit = MAX_BODY_LENGTH - _OK_BODY_OVERHEAD
         frames: list[bytes] = []
