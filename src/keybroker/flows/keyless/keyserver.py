@@ -1097,23 +1097,26 @@ class _Generation:
         self.retired = False
 
 
-#: Bytes of one connection's read buffer: what TLS decrypts in one go (more waits for the
-#: next loop iteration); as much as the TLS layer reads ahead before it stops reading.
+#: Bytes of the read buffer: what TLS decrypts in one go (more waits for the next loop
+#: iteration); as much as the TLS layer reads ahead before it stops reading.
 _READ_BUFFER: Final = 256 * 1024
 
 
 class _EdgeConnection(asyncio.BufferedProtocol):
     """One edge's connection: bytes in, events out, replies written as operations finish.
 
-    A buffered protocol: TLS decrypts straight into this connection's buffer, every record
-    available at once (uvloop's other path allocates a 256 KiB object per TLS record and
-    ends each read with an exception: a tenth of a P-256 signature's cost per request,
-    measured). :meth:`data_received` takes the bytes.
+    A buffered protocol: TLS decrypts straight into a buffer, every record available at
+    once (uvloop's other path allocates a 256 KiB object per TLS record and ends each read
+    with an exception: a tenth of a P-256 signature's cost per request, measured). The
+    buffer is the server's, one for all its connections: the transport calls
+    :meth:`get_buffer`, fills it and calls :meth:`buffer_updated` in one go on the loop's
+    thread, and :meth:`buffer_updated` copies the bytes out before returning (to
+    :meth:`data_received`), so no two connections ever hold it at once.
     """
 
     def __init__(self, server: KeyServer) -> None:
         self._server = server
-        self._read_buffer = memoryview(bytearray(_READ_BUFFER))
+        self._read_buffer = server.read_buffer
         self._loop = server.loop
         self._metrics = server.metrics
         settings = server.settings
@@ -1473,6 +1476,8 @@ class KeyServer:
         self._ssl_context = ssl_context
         self._tls_files = tls_files
         self.metrics = KeyServerMetrics()
+        #: The connections' read buffer (see :class:`_EdgeConnection`).
+        self.read_buffer = memoryview(bytearray(_READ_BUFFER))
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(self.metrics)
         self._generation: _Generation | None = None
