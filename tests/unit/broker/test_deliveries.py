@@ -293,3 +293,37 @@ def test_no_delivery_row_or_log_entry_holds_the_raw_key(world: World) -> None:
     for secret in secrets:
         assert len(secret) == 32
         assert not any(secret in blob for blob in blobs)
+
+
+def test_an_inbox_holds_only_its_own_sent_unexpired_deliveries_oldest_first(
+    world: World,
+) -> None:
+    """The inbox is one statement (principal outer-joined to its deliveries): each of its
+    filters is checked here, and an empty inbox is told apart from an unknown principal."""
+    broker = world.broker
+    alice, bob = world.enrolled("site/fra1"), world.enrolled("site/ams1")
+    assert broker.fetch_deliveries(alice.pid) == []  # enrolled, nothing waiting
+    for name in ("a", "b", "c", "d"):
+        broker.create_keyset(name, AES256_GCM)
+        broker.grant(alice.pid, name, "hold")
+        broker.grant(bob.pid, name, "hold")
+    first = broker.deliver("a", 1, alice.pid, HOUR)
+    world.clock.now += timedelta(seconds=1)
+    short = broker.deliver("b", 1, alice.pid, timedelta(seconds=5))
+    world.clock.now += timedelta(seconds=1)
+    third = broker.deliver("c", 1, alice.pid, HOUR)
+    acked = broker.deliver("d", 1, alice.pid, HOUR)
+    others = broker.deliver("a", 1, bob.pid, HOUR)
+    _, proof = alice.receive(acked, broker.ca_certificate, "aead")
+    broker.ack(acked.delivery_id, alice.pid, proof)
+
+    assert broker.fetch_deliveries(alice.pid) == [first, short, third]
+    assert broker.fetch_deliveries(bob.pid) == [others]
+    world.clock.now += timedelta(seconds=5)  # "b" is past its deadline, not yet expired
+    assert broker.fetch_deliveries(alice.pid) == [first, third]
+
+    with pytest.raises(NotFound, match="no principal site/nowhere"):
+        broker.fetch_deliveries("site/nowhere")
+    broker.revoke_principal(bob.pid, reason="cessationOfOperation")
+    with pytest.raises(AuthorizationError, match="site/ams1 is revoked"):
+        broker.fetch_deliveries(bob.pid)
