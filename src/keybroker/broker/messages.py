@@ -25,6 +25,7 @@ never acknowledges another.
 
 from __future__ import annotations
 
+import functools
 import hmac
 from dataclasses import dataclass, fields
 from typing import ClassVar, Final, Self
@@ -121,18 +122,32 @@ class HpkeKeyBinding(Message):
 
     def recipient(self) -> PublicKeyset:
         """The key to seal to; :class:`DecodeError` if it is not a usable HPKE public key."""
-        try:
-            template = get_template(self.template)
-        except KeybrokerError:
-            raise DecodeError("unknown HPKE key template") from None
-        if Purpose.HPKE not in template.purposes:
-            raise DecodeError("not an HPKE key template")
-        try:
-            return PublicKeyset.from_public_key(template, self.public_key, key_id=self.key_id)
-        except DecodeError:
-            raise
-        except KeybrokerError:
-            raise DecodeError("malformed HPKE public key") from None
+        return _recipient(self.template, self.key_id, bytes(self.public_key))
+
+
+@functools.lru_cache(maxsize=16_384)
+def _recipient(template_name: str, key_id: int, public_key: bytes) -> PublicKeyset:
+    """:meth:`HpkeKeyBinding.recipient`, remembered per (template, key id, public key).
+
+    A broker seals to the same few recipients over and over (a node takes one delivery
+    per link behind it); parsing the key and its X25519 low-order check cost as much as
+    a third of the seal. Public keys only, and a :class:`PublicKeyset` has no method
+    that changes it, so sharing one is safe; a refusal raises and is not remembered.
+    16,384 recipients (a few KiB each) cover a fleet of that many agents: a smaller
+    cache that a rotation walks in order would evict each key before its next use.
+    """
+    try:
+        template = get_template(template_name)
+    except KeybrokerError:
+        raise DecodeError("unknown HPKE key template") from None
+    if Purpose.HPKE not in template.purposes:
+        raise DecodeError("not an HPKE key template")
+    try:
+        return PublicKeyset.from_public_key(template, public_key, key_id=key_id)
+    except DecodeError:
+        raise
+    except KeybrokerError:
+        raise DecodeError("malformed HPKE public key") from None
 
 
 # -- deliveries ---------------------------------------------------------------------

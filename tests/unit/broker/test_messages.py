@@ -92,3 +92,23 @@ def test_a_damaged_envelope_raises_only_decode_error(at: int, flip: int, cut: in
     for data in (bytes(damaged), SAMPLE[:cut]):
         with contextlib.suppress(DecodeError):
             DeliveryEnvelope.decode(data)
+
+
+def test_a_recipient_key_is_parsed_once_and_a_bad_one_refused_every_time() -> None:
+    hpke = Keyset.generate("site/fra1/hpke", X25519_HPKE)
+    binding = HpkeKeyBinding.from_public_keyset(
+        PrincipalId.parse("site/fra1"), hpke.public_keyset()
+    )
+    first = binding.recipient()
+    again = HpkeKeyBinding(binding.principal, binding.template, binding.key_id, binding.public_key)
+    assert again.recipient() is first  # remembered per (template, key id, key)
+    other_id = HpkeKeyBinding(binding.principal, binding.template, 7, binding.public_key)
+    assert other_id.recipient() is not first and other_id.recipient().primary.key_id == 7
+    sealed = first.seal(b"secret", info=b"ctx")
+    assert hpke.hpke().open(sealed, info=b"ctx") == b"secret"
+    low_order = HpkeKeyBinding(binding.principal, binding.template, binding.key_id, bytes(32))
+    for _ in range(2):  # a refusal is not remembered as a key
+        with pytest.raises(DecodeError):
+            low_order.recipient()
+    with pytest.raises(DecodeError, match="not an HPKE key template"):
+        HpkeKeyBinding(binding.principal, AES256_GCM, 1, binding.public_key).recipient()
