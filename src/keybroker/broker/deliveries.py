@@ -667,12 +667,13 @@ def ack_many(
         with ctx.store.transaction() as conn:
             rows = _rows_for_update(conn, sorted({did for _, did, _, _ in checked}))
             events: list[Event] = []
-            # Every keyset a pending ack needs, in a few queries rather than one per keyset.
-            wanted = {r.keyset_name for r in rows.values() if r.state == SENT}
-            keysets_: dict[str, Keyset] = {
-                name: stored.keyset
-                for name, stored in ctx.keysets.load_many(wanted, conn=conn).items()
-            }
+            # Every key version a pending ack needs, in a few queries rather than one per
+            # keyset, and only those versions unwrapped (a proof is checked on one).
+            wanted: dict[str, set[int]] = {}
+            for r in rows.values():
+                if r.state == SENT:
+                    wanted.setdefault(r.keyset_name, set()).add(r.version)
+            keysets_ = ctx.keysets.load_versions(wanted, conn=conn)
             acked: list[dict[str, Any]] = []
             for i, did, pid, proof in checked:
                 results[i] = _ack_one(

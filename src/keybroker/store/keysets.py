@@ -96,6 +96,23 @@ class KeysetRepository:
         self, names: Iterable[str], *, conn: Connection | None = None
     ) -> dict[str, StoredKeyset]:
         """Each of ``names`` that exists, by name, in two queries per 500 names."""
+        return self._load(names, conn, None)
+
+    def load_versions(
+        self, wanted: Mapping[str, Iterable[int]], *, conn: Connection | None = None
+    ) -> dict[str, Keyset]:
+        """Each keyset of ``wanted`` that exists, holding only the versions named (those
+        that exist), for reading: checking a proof of possession needs one version, and
+        unwrapping the others would cost as much again. Not for saving (no revision)."""
+        only = {name: set(versions) for name, versions in wanted.items()}
+        return {name: s.keyset for name, s in self._load(only, conn, only).items()}
+
+    def _load(
+        self,
+        names: Iterable[str],
+        conn: Connection | None,
+        only: Mapping[str, set[int]] | None,
+    ) -> dict[str, StoredKeyset]:
         wanted = sorted(set(names))
         found: dict[str, StoredKeyset] = {}
         with self._tx(conn) as tx:
@@ -105,7 +122,10 @@ class KeysetRepository:
                 if not heads:
                     continue
                 versions: dict[str, list[WrappedVersion]] = {h.id: [] for h in heads}
+                keep = None if only is None else {h.id: only[h.name] for h in heads}
                 for r in tx.execute(_VERSIONS, {"ids": list(versions)}):
+                    if keep is not None and r.version not in keep[r.keyset_id]:
+                        continue
                     versions[r.keyset_id].append(
                         WrappedVersion(
                             version=r.version,

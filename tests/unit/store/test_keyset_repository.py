@@ -169,3 +169,24 @@ def test_no_key_material_in_clear_in_postgresql_rows(pg_url: str, root_key: File
     for secret in secrets:
         for needle in _needles(secret):
             assert needle not in dump
+
+
+def test_load_versions_unwraps_only_the_versions_asked_for(repo: KeysetRepository) -> None:
+    ks = Keyset.generate("link/a", "AES256_GCM", now=T0)
+    stored = repo.create(ks)
+    v2 = ks.add(now=T0)
+    v3 = ks.add(now=T0)
+    repo.save(stored)
+    other = Keyset.generate("link/b", "AES256_GCM", now=T0)
+    repo.create(other)
+    proof = ks.prove_possession(v2.version, b"challenge")
+
+    found = repo.load_versions({"link/a": [v2.version, 9], "link/b": [1], "link/none": [1]})
+    assert sorted(found) == ["link/a", "link/b"]  # an unknown keyset is left out
+    assert [v.version for v in found["link/a"].versions] == [v2.version]  # 1, 3, 9: not
+    found["link/a"].verify_possession(v2.version, b"challenge", proof)
+    with pytest.raises(CryptoError):
+        found["link/a"].verify_possession(v2.version, b"other", proof)
+    with pytest.raises(KeysetError):  # present in the store, but not asked for
+        found["link/a"].verify_possession(v3.version, b"challenge", proof)
+    assert found["link/b"].versions[0].key_id == other.versions[0].key_id
