@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError
 
 from keybroker.errors import ConfigurationError, StoreError
 from keybroker.store.migrate import upgrade as _migrate_upgrade
@@ -157,6 +158,46 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+#: A pooled PostgreSQL connection idle for longer than this is pinged before it is
+#: handed out (see _configure_postgres).
+PING_AFTER_IDLE_S = 1.0
+
+
+def _configure_postgres(engine: Engine) -> None:
+    """Ping a pooled connection before use only if it sat idle for a while.
+
+    SQLAlchemy's ``pool_pre_ping`` pings on every checkout: a round trip before every
+    request's first statement (an agent's inbox read became two round trips instead
+    of one). A connection handed back less than :data:`PING_AFTER_IDLE_S` ago was
+    working then; one that sat longer (the server may have restarted, a firewall
+    dropped it) is pinged as before, and one that fails the ping is replaced. What
+    is given up: a connection that died within that second fails its first
+    statement (:class:`~keybroker.errors.StoreError`), and SQLAlchemy then
+    invalidates every pooled connection opened before, so one request fails, not
+    one per connection.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(_dbapi_conn: Any, record: Any) -> None:
+        record.info["keybroker_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["keybroker_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("keybroker_idle_since")
+        if since is not None and time.monotonic() - since < PING_AFTER_IDLE_S:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # any failure means: not this connection
+            raise DisconnectionError("connection failed its ping") from exc
+        if not alive:
+            raise DisconnectionError("connection failed its ping")
+
+
 def open_store(
     url: str | None = None,
     *,
@@ -189,9 +230,8 @@ def open_store(
         _configure_sqlite(engine)
         dialect: Dialect = "sqlite"
     elif backend == "postgresql":
-        engine = sa.create_engine(
-            parsed, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-        )
+        engine = sa.create_engine(parsed, pool_size=pool_size, max_overflow=pool_size)
+        _configure_postgres(engine)
         dialect = "postgresql"
     else:
         raise ConfigurationError(f"unsupported database backend {backend!r}")

@@ -140,3 +140,56 @@ def test_lock_serialises_writers(store: Store) -> None:
             sa.select(keysets.c.revision).where(keysets.c.name == "counter")
         ).scalar_one()
     assert rev == 1 + 75
+
+
+def _terminate_pooled_backend(pg_url: str, store: Store) -> None:
+    """Kill, from another connection, the server process behind ``store``'s one pooled
+    connection, the way a server restart or a dropped TCP connection would."""
+    with store.reader() as conn:
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    admin = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with admin.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+    finally:
+        admin.dispose()
+
+
+def test_a_pooled_connection_idle_for_a_while_is_pinged_and_replaced_if_dead(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keybroker.store import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_S", 0.0)  # every checkout pings
+    store = open_store(pg_url, pool_size=1)
+    try:
+        _terminate_pooled_backend(pg_url, store)
+        with store.reader() as conn:  # the ping found it dead; a new one was opened
+            assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+        with store.transaction() as conn:
+            conn.execute(keysets.insert().values(_keyset_row("after-restart")))
+        with store.snapshot() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(keysets)).scalar() == 1
+    finally:
+        store.dispose()
+
+
+def test_a_connection_handed_back_just_now_is_not_pinged(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the idle threshold gives up, measured: a connection that dies within it fails
+    one request (a StoreError, nothing half-written); the pool then replaces it."""
+    from keybroker.store import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_S", 3600.0)  # never pings
+    store = open_store(pg_url, pool_size=1)
+    try:
+        _terminate_pooled_backend(pg_url, store)
+        with pytest.raises(StoreError), store.transaction() as conn:
+            conn.execute(keysets.insert().values(_keyset_row("lost")))
+        with store.transaction() as conn:
+            conn.execute(keysets.insert().values(_keyset_row("kept")))
+        with store.snapshot() as conn:
+            assert list(conn.execute(sa.select(keysets.c.name)).scalars()) == ["kept"]
+    finally:
+        store.dispose()
