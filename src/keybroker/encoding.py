@@ -178,10 +178,16 @@ def _refuse_tag(_decoder: object, tag: object) -> object:
     raise DecodeError("CBOR tags are not allowed")
 
 
+_GOOD_LABELS: set[str] = set()
+
+
 def encode(label: str, body: Mapping[str, Any]) -> bytes:
     """Encode ``body`` as the message type ``label`` in canonical CBOR."""
-    if not _LABEL_RE.match(label):
-        raise LocalProtocolError(f"malformed message label {label!r}")
+    if label not in _GOOD_LABELS:
+        if not isinstance(label, str) or not _LABEL_RE.match(label):
+            raise LocalProtocolError(f"malformed message label {label!r}")
+        if len(_GOOD_LABELS) < 1024:  # the labels are the code's constants: a few dozen
+            _GOOD_LABELS.add(label)
     return cbor2.dumps([label, _canonical(dict(body), 1)])
 
 
@@ -244,7 +250,19 @@ class Message:
     LABEL: ClassVar[str]
 
     def encode(self) -> bytes:
-        return encode(self.LABEL, _to_plain(self))  # type: ignore[arg-type]
+        cls = type(self)
+        order = _ENCODE_ORDER.get(cls)
+        if order is None:
+            order = _encode_order(cls)
+        body: dict[str, object] = {}
+        for name in order:
+            value = getattr(self, name)
+            kind = type(value)
+            if kind in _LEAVES or (kind is int and _in_range(value)):
+                body[name] = value
+            else:  # anything else (nested, a subclass, out of range): the general path
+                return encode(self.LABEL, _to_plain(self))  # type: ignore[arg-type]
+        return cbor2.dumps([self.LABEL, body])
 
     @classmethod
     def decode(cls, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Self:
@@ -265,6 +283,19 @@ def _field_names(cls: type) -> tuple[str, ...]:
     if names is None:
         names = _FIELD_NAMES.setdefault(cls, tuple(f.name for f in dataclasses.fields(cls)))
     return names
+
+
+#: Each message class's field names in deterministic map order, for the flat messages
+#: (every field a leaf) that :meth:`Message.encode` writes without walking them twice.
+_ENCODE_ORDER: dict[type, tuple[str, ...]] = {}
+
+
+def _encode_order(cls: type) -> tuple[str, ...]:
+    label = getattr(cls, "LABEL", None)
+    if not isinstance(label, str) or not _LABEL_RE.match(label):
+        raise LocalProtocolError(f"malformed message label {label!r}")
+    order = tuple(sorted(_field_names(cls), key=_key_order))
+    return _ENCODE_ORDER.setdefault(cls, order)
 
 
 def _to_plain(value: object) -> object:

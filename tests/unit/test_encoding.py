@@ -274,3 +274,53 @@ def test_only_small_key_sets_are_remembered(monkeypatch: pytest.MonkeyPatch) -> 
     assert all(len(keys) < 40 for keys in encoding._SORTED_KEYS)
     decode(LABEL, encode(LABEL, {"b": 1, "a": 2}))
     assert encoding._SORTED_KEYS[("a", "b")] == ("a", "b")
+
+
+@dataclass(frozen=True)
+class Flat(Message):
+    """Every field a leaf: Message.encode writes it without the general walk. Field names
+    around the 23/24-byte head boundary and of unequal lengths, where a wrong order shows."""
+
+    LABEL = message_label("keybroker/test/flat", 1)
+    zz: object
+    a: object
+    abcdefghijklmnopqrstuvw: object  # 23 bytes
+    abcdefghijklmnopqrstuvwx: object  # 24 bytes
+    b_: object
+
+
+flat_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**65), max_value=2**65)
+    | st.binary(max_size=16)
+    | st.text(max_size=16)
+    | st.lists(st.integers(min_value=0, max_value=9), max_size=3)
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(flat_values, min_size=5, max_size=5))
+def test_a_flat_message_encodes_as_the_general_path_does(values: list[object]) -> None:
+    from keybroker.encoding import _to_plain
+
+    msg = Flat(*values)
+    try:
+        expected = encode(Flat.LABEL, _to_plain(msg))  # type: ignore[arg-type]
+    except LocalProtocolError:
+        with pytest.raises(LocalProtocolError, match="integer out of range"):
+            msg.encode()
+        return
+    assert msg.encode() == expected
+    assert expected == cbor2.dumps([Flat.LABEL, _to_plain(msg)], canonical=True)
+
+
+def test_a_message_class_with_a_malformed_label_is_refused() -> None:
+    @dataclass(frozen=True)
+    class Bad(Message):
+        LABEL = "Not/A/Label"
+        x: int
+
+    for _ in range(2):  # not remembered as good on the way
+        with pytest.raises(LocalProtocolError, match="malformed message label"):
+            Bad(1).encode()
