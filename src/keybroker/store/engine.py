@@ -93,11 +93,16 @@ class Store:
     def reader(self) -> Iterator[Connection]:
         """A connection for reads that need no snapshot across statements (append-only data,
         or a single statement). On PostgreSQL it runs in autocommit, which saves the BEGIN
-        and ROLLBACK round trips a :meth:`snapshot` costs on every call; on SQLite it is a
-        snapshot (there is no round trip to save)."""
+        and ROLLBACK round trips a :meth:`snapshot` costs on every call; on SQLite each
+        statement likewise runs in its own implicit read transaction (no ``BEGIN``)."""
         if self.dialect != "postgresql":
-            with self.snapshot() as conn:
-                yield conn
+            try:
+                with self.engine.connect() as raw:
+                    yield raw.execution_options(
+                        keybroker_readonly=True, keybroker_statement_at_a_time=True
+                    )
+            except DBAPIError as exc:
+                raise StoreError(f"database error: {type(exc.orig).__name__}") from exc
             return
         try:
             with self.engine.connect() as raw:
@@ -152,7 +157,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get("keybroker_readonly"):
+        options = conn.get_execution_options()
+        if options.get("keybroker_statement_at_a_time"):
+            return  # Store.reader: SQLite's autocommit, each statement its own transaction
+        if options.get("keybroker_readonly"):
             conn.exec_driver_sql("BEGIN")
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -193,3 +193,17 @@ def test_a_connection_handed_back_just_now_is_not_pinged(
             assert list(conn.execute(sa.select(keysets.c.name)).scalars()) == ["kept"]
     finally:
         store.dispose()
+
+
+def test_a_reader_reads_statement_at_a_time_and_a_snapshot_does_not(store: Store) -> None:
+    """Store.reader: each statement sees what is committed when it runs (PostgreSQL:
+    autocommit; SQLite: no BEGIN), so it costs no transaction. On SQLite Store.snapshot
+    holds one (on PostgreSQL it is READ COMMITTED: each statement sees the latest commit)."""
+    count = sa.select(sa.func.count()).select_from(keysets)
+    with store.reader() as reader, store.snapshot() as snap:
+        assert reader.execute(count).scalar() == 0
+        assert snap.execute(count).scalar() == 0
+        with store.transaction() as conn:
+            conn.execute(keysets.insert().values(_keyset_row("written-meanwhile")))
+        assert reader.execute(count).scalar() == 1
+        assert snap.execute(count).scalar() == (0 if store.dialect == "sqlite" else 1)
