@@ -79,6 +79,7 @@ from keybroker.errors import (
 )
 from keybroker.keys import CONSUMING_STATES, Keyset
 from keybroker.pki import PrincipalId, PrincipalKind
+from keybroker.store.bulk import bulk_update
 from keybroker.store.keysets import StoredKeyset
 from keybroker.store.schema import deliveries, grants, keysets, principals
 
@@ -483,6 +484,14 @@ _SETTLE: Final = (
     .values(state=ACKED, completed_at=sa.bindparam("b_at"), ack_proof=sa.bindparam("b_proof"))
 )
 
+#: _SETTLE for many rows (one statement on PostgreSQL; keybroker.store.bulk).
+_SETTLE_MANY: Final = bulk_update(
+    deliveries,
+    match={"id": "b_id", "state": "b_sent"},
+    assign={"completed_at": "b_at", "ack_proof": "b_proof"},
+    computed={"state": sa.literal(ACKED, sa.String)},
+)
+
 
 def expire_in(conn: Connection, now: datetime, delivery: str) -> list[Event]:
     """Expire one ``sent`` delivery in the caller's transaction (nothing if it is settled)."""
@@ -679,8 +688,9 @@ def ack_many(
                 results[i] = _ack_one(
                     ctx, conn, rows, keysets_, (did, pid, proof), now, events, acked
                 )
-            if acked:  # the accepted acks' rows, locked above, in one statement
-                conn.execute(_SETTLE, acked)
+            # The accepted acks' rows, locked above and still sent: one statement.
+            if _SETTLE_MANY.run(conn, acked) != len(acked):
+                raise Conflict("an acknowledged delivery changed under its lock")
             record(ctx, conn, events)
     return [r for r in results if r is not None]
 

@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 
 from keybroker.errors import Conflict, LocalProtocolError, NotFound
 from keybroker.keys import KeyEncryptionKey, Keyset, KeyState, WrappedVersion
+from keybroker.store.bulk import bulk_update
 from keybroker.store.engine import Store
 from keybroker.store.schema import key_versions, keysets
 
@@ -194,20 +195,15 @@ class KeysetRepository:
                     )
             saved.append(StoredKeyset(keyset, stored.id, stored.revision + 1, states))
         with self._tx(conn) as tx:
-            if tx.dialect.supports_sane_multi_rowcount or len(bumps) == 1:
-                bumped = tx.execute(_BUMP, bumps).rowcount
-            else:
-                bumped = sum(tx.execute(_BUMP, b).rowcount for b in bumps)
-            if bumped != len(bumps):
+            if _BUMP.run(tx, bumps) != len(bumps):
                 names = ", ".join(repr(c.keyset.name) for c in changed[:3])
                 raise Conflict(f"keyset {names} was changed by someone else; reload it")
-            for statement, rows in (
-                (_INSERT_VERSION, inserts),
-                (_SET_STATE, moves),
-                (_DESTROY, destroys),
-            ):
-                if rows:
-                    tx.execute(statement, rows)
+            if inserts:
+                tx.execute(_INSERT_VERSION, inserts)
+            if _SET_STATE.run(tx, moves) != len(moves):
+                raise Conflict("a key version was changed by someone else; reload it")
+            if destroys:
+                tx.execute(_DESTROY, destroys)
         return saved
 
     def names(self, *, conn: Connection | None = None) -> list[str]:
@@ -230,29 +226,20 @@ class KeysetRepository:
 
 
 # Built once: constructing a statement costs more than executing it on SQLite.
-_BUMP: Final = (
-    keysets.update()
-    .where(
-        keysets.c.id == sa.bindparam("b_id"),
-        keysets.c.revision == sa.bindparam("b_revision"),
-    )
-    .values(
-        revision=sa.bindparam("b_next"),
-        updated_at=sa.bindparam("b_now"),
-        template=sa.bindparam("b_template"),
-    )
+# Both run as one statement per batch on PostgreSQL (keybroker.store.bulk).
+_BUMP: Final = bulk_update(
+    keysets,
+    match={"id": "b_id", "revision": "b_revision"},
+    assign={"revision": "b_next", "updated_at": "b_now", "template": "b_template"},
 )
 _INSERT_VERSION: Final = key_versions.insert()
-_SET_STATE: Final = (
-    key_versions.update()
-    .where(
-        key_versions.c.keyset_id == sa.bindparam("b_keyset"),
-        key_versions.c.version == sa.bindparam("b_version"),
-    )
-    .values(state=sa.bindparam("b_state"), state_changed_at=sa.bindparam("b_changed"))
+_SET_STATE: Final = bulk_update(
+    key_versions,
+    match={"keyset_id": "b_keyset", "version": "b_version"},
+    assign={"state": "b_state", "state_changed_at": "b_changed"},
 )
 #: A destroyed version's material is overwritten with NULL in the same statement.
-_DESTROY: Final = _SET_STATE.values(wrapped_material=None)
+_DESTROY: Final = _SET_STATE.per_row.values(wrapped_material=None)
 _HEADS: Final = sa.select(
     keysets.c.name, keysets.c.id, keysets.c.purpose, keysets.c.revision
 ).where(keysets.c.name.in_(sa.bindparam("names", expanding=True)))

@@ -100,6 +100,7 @@ from keybroker.flows.rotation.protocol import (
 from keybroker.flows.rotation.topology import Link, Topology
 from keybroker.keys import AES256_GCM, KeyState, KeyVersionInfo
 from keybroker.pki import PrincipalId
+from keybroker.store.bulk import bulk_update
 from keybroker.store.keysets import StoredKeyset
 from keybroker.store.schema import (
     deliveries,
@@ -920,22 +921,21 @@ class _Refused(Exception):
 
 
 #: One link's record, compare-and-set on its step counter.
-_LINK_UPDATE: Final = (
-    rotation_links.update()
-    .where(
-        rotation_links.c.id == sa.bindparam("b_id"),
-        rotation_links.c.seq == sa.bindparam("b_seq"),
-    )
-    .values(
-        state=sa.bindparam("b_state"),
-        new_version=sa.bindparam("b_new_version"),
-        attempt=sa.bindparam("b_attempt"),
-        delivery_id=sa.bindparam("b_delivery_id"),
-        next_at=sa.bindparam("b_next_at"),
-        reason=sa.bindparam("b_reason"),
-        seq=rotation_links.c.seq + 1,
-        updated_at=sa.bindparam("b_updated_at"),
-    )
+#: Each link record written with a compare-and-set on its step counter (one statement
+#: for the whole batch on PostgreSQL; see keybroker.store.bulk).
+_LINK_UPDATE: Final = bulk_update(
+    rotation_links,
+    match={"id": "b_id", "seq": "b_seq"},
+    assign={
+        "state": "b_state",
+        "new_version": "b_new_version",
+        "attempt": "b_attempt",
+        "delivery_id": "b_delivery_id",
+        "next_at": "b_next_at",
+        "reason": "b_reason",
+        "updated_at": "b_updated_at",
+    },
+    computed={"seq": rotation_links.c.seq + 1},
 )
 
 
@@ -1016,11 +1016,7 @@ class _Batch:
         updates, self._link_updates = self._link_updates, []
         if not updates:
             return events
-        if self.conn.dialect.supports_sane_multi_rowcount:
-            written = self.conn.execute(_LINK_UPDATE, updates).rowcount
-        else:
-            written = sum(self.conn.execute(_LINK_UPDATE, u).rowcount for u in updates)
-        if written != len(updates):
+        if _LINK_UPDATE.run(self.conn, updates) != len(updates):
             raise Conflict("a link was changed concurrently")
         return events
 
