@@ -327,3 +327,44 @@ def test_an_inbox_holds_only_its_own_sent_unexpired_deliveries_oldest_first(
     broker.revoke_principal(bob.pid, reason="cessationOfOperation")
     with pytest.raises(AuthorizationError, match="site/ams1 is revoked"):
         broker.fetch_deliveries(bob.pid)
+
+
+def test_outstanding_deliveries_are_exactly_the_sent_ones_asked_for(world: World) -> None:
+    """What the rotation batch reads under its delivery locks: per (principal row,
+    keyset row, version), the sent delivery if there is one; nothing else."""
+    from keybroker.broker.deliveries import outstanding_deliveries
+    from keybroker.store.schema import keysets as keysets_table
+    from keybroker.store.schema import principals as principals_table
+
+    broker = world.broker
+    alice, bob = world.enrolled("site/fra1"), world.enrolled("site/ams1")
+    for name in ("a", "b"):
+        broker.create_keyset(name, AES256_GCM)
+        for who in (alice, bob):
+            broker.grant(who.pid, name, "hold")
+    broker.rotate_keyset("a")  # version 2 of "a"
+    sent_a1 = broker.deliver("a", 1, alice.pid, HOUR)
+    sent_a2 = broker.deliver("a", 2, alice.pid, HOUR)
+    acked = broker.deliver("a", 1, bob.pid, HOUR)
+    _, proof = bob.receive(acked, broker.ca_certificate, "aead")
+    broker.ack(acked.delivery_id, bob.pid, proof)
+    sent_b = broker.deliver("b", 1, bob.pid, HOUR)
+    with world.home.store.snapshot() as conn:
+        pid = dict(conn.execute(sa.select(principals_table.c.name, principals_table.c.id)).all())
+        kid = dict(conn.execute(sa.select(keysets_table.c.name, keysets_table.c.id)).all())
+        found = outstanding_deliveries(
+            conn,
+            [
+                (pid["fra1"], kid["a"], 1),  # sent
+                (pid["fra1"], kid["a"], 2),  # sent
+                (pid["ams1"], kid["a"], 1),  # acked: not outstanding
+                (pid["ams1"], kid["b"], 1),  # sent
+                (pid["fra1"], kid["b"], 1),  # never delivered
+            ],
+        )
+        assert outstanding_deliveries(conn, []) == {}
+    assert {key: row.id for key, row in found.items()} == {
+        (pid["fra1"], kid["a"], 1): sent_a1.delivery_id,
+        (pid["fra1"], kid["a"], 2): sent_a2.delivery_id,
+        (pid["ams1"], kid["b"], 1): sent_b.delivery_id,
+    }
