@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .conftest import database_for
 from .processes import Env, free_port
 
 
@@ -17,6 +18,10 @@ from .processes import Env, free_port
 def servers() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
+    _stop(started)
+
+
+def _stop(started: list[subprocess.Popen[bytes]]) -> None:
     for proc in started:
         proc.terminate()
     for proc in started:
@@ -39,7 +44,7 @@ def test_enrol_deliver_ack_refuse_verify(
     env = Env(tmp_path / "home", tmp_path)
     init = ["init"]
     if backend == "postgresql":
-        init += ["--db", request.getfixturevalue("pg_url")]
+        init += ["--db", database_for(request, lambda: _stop(servers))]
     env.run(*init)
     ports = [free_port() for _ in range(replicas)]
     for port in ports:

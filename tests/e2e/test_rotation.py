@@ -33,6 +33,7 @@ from keybroker.errors import DecodeError
 from keybroker.flows.rotation.messages import LinkStepped, RolloutChanged, decode_rotation_event
 from keybroker.flows.rotation.traffic import zero_loss
 
+from .conftest import database_for
 from .processes import KB, Env, Procs, free_port, read, until
 
 NATS_URL = os.environ.get("KEYBROKER_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -87,7 +88,7 @@ class Rig:
         self.env: Env = procs.env
         self.dir = self.env.workdir
         self.backend = backend
-        self.db = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+        self.db = database_for(request, procs.close) if backend == "postgresql" else None
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.env.env["KEYBROKER_URL"] = self.url

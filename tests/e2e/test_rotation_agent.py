@@ -26,6 +26,7 @@ from keybroker.client.operator import OperatorClient
 from keybroker.flows.rotation.agent import durable_name
 from keybroker.flows.rotation.traffic import zero_loss
 
+from .conftest import database_for
 from .processes import PASSPHRASE, Procs, free_port, read, until
 
 LINK = "rotation/n1/s1"
@@ -57,7 +58,7 @@ async def test_staged_rotation_with_agents_and_traffic(
     env = procs.env
     if bus == "nats" and not _reachable(NATS_URL):
         require(f"NATS at {NATS_URL}")
-    init = ["init"] if backend == "sqlite" else ["init", "--db", request.getfixturevalue("pg_url")]
+    init = ["init"] if backend == "sqlite" else ["init", "--db", database_for(request, procs.close)]
     env.run(*init)
     port = free_port()
     topic = f"kb.wake{secrets.token_hex(4)}"
