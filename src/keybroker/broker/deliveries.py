@@ -104,13 +104,15 @@ class DeliveryInfo:
     failure_reason: str | None
 
 
+#: A delivery row with its principal's kind and name and its keyset's name.
+_COLUMNS: Final = (
+    deliveries,
+    principals.c.kind,
+    principals.c.name.label("principal_name"),
+    keysets.c.name.label("keyset_name"),
+)
 _SELECT: Final = (
-    sa.select(
-        deliveries,
-        principals.c.kind,
-        principals.c.name.label("principal_name"),
-        keysets.c.name.label("keyset_name"),
-    )
+    sa.select(*_COLUMNS)
     .join(principals, principals.c.id == deliveries.c.principal_id)
     .join(keysets, keysets.c.id == deliveries.c.keyset_id)
 )
@@ -556,13 +558,7 @@ _INBOX_JOIN: Final = principals.outerjoin(
     ),
 ).outerjoin(keysets, keysets.c.id == deliveries.c.keyset_id)
 _INBOX: Final = (
-    sa.select(
-        deliveries,
-        principals.c.kind,
-        principals.c.name.label("principal_name"),
-        principals.c.status.label("principal_status"),
-        keysets.c.name.label("keyset_name"),
-    )
+    sa.select(*_COLUMNS, principals.c.status.label("principal_status"))
     .select_from(_INBOX_JOIN)
     .where(principals.c.kind == sa.bindparam("i_kind"), principals.c.name == sa.bindparam("i_name"))
     .order_by(deliveries.c.created_at, deliveries.c.id)

@@ -1,11 +1,11 @@
 """Many rows' updates in one statement on PostgreSQL.
 
 A batch that updates N rows the way ``executemany`` does (each row: find it by its
-key columns, set some columns) costs PostgreSQL N statement executions, each with
-its own bind, plan lookup and executor start-up: measured on the rotation benchmark,
-about 56 µs of server CPU per execution, more than the update itself.
-:class:`BulkUpdate` sends the N rows as one array per column and runs one
-statement::
+key columns, set some columns) costs PostgreSQL N statement executions, and this
+process SQLAlchemy's and psycopg's per-row work for each. :class:`BulkUpdate` sends
+the N rows as one array per column and runs one statement (measured, 200 rows of a
+compare-and-set update with a timestamp: 22 → 15 µs per row, this process's CPU
+19 → 10 µs)::
 
     UPDATE t SET c1 = v.p1, ... FROM unnest(:p0, :p1, ...) AS v(p0, p1, ...)
     WHERE t.k = v.p0 AND ...
@@ -47,9 +47,8 @@ class BulkUpdate:
         if not rows:
             return 0
         if conn.dialect.name != "postgresql":
-            if conn.dialect.supports_sane_multi_rowcount or len(rows) == 1:
-                return int(conn.execute(self.per_row, list(rows)).rowcount)
-            return sum(int(conn.execute(self.per_row, row).rowcount) for row in rows)
+            # SQLite's driver counts the rows of every execution of an executemany.
+            return int(conn.execute(self.per_row, list(rows)).rowcount)
         columns = {name: [row[name] for row in rows] for name in self.names}
         return int(conn.execute(self.arrays, columns).rowcount)
 

@@ -98,9 +98,7 @@ class Store:
         if self.dialect != "postgresql":
             try:
                 with self.engine.connect() as raw:
-                    yield raw.execution_options(
-                        keybroker_readonly=True, keybroker_statement_at_a_time=True
-                    )
+                    yield raw.execution_options(keybroker_statement_at_a_time=True)
             except DBAPIError as exc:
                 raise StoreError(f"database error: {type(exc.orig).__name__}") from exc
             return
@@ -185,13 +183,11 @@ def _configure_postgres(engine: Engine) -> None:
     one per connection.
     """
 
-    @event.listens_for(engine, "connect")
-    def _on_connect(_dbapi_conn: Any, record: Any) -> None:
+    def _idle_from_now(_dbapi_conn: Any, record: Any) -> None:
         record.info["keybroker_idle_since"] = time.monotonic()
 
-    @event.listens_for(engine, "checkin")
-    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
-        record.info["keybroker_idle_since"] = time.monotonic()
+    event.listen(engine, "connect", _idle_from_now)  # a new connection works
+    event.listen(engine, "checkin", _idle_from_now)
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:

@@ -119,7 +119,7 @@ def test_a_bulk_update_refuses_a_naive_time_and_changes_nothing(db: Store) -> No
         "b_proof": None,
         "b_at": datetime(2026, 11, 30, 12, 0),
     }
-    with pytest.raises(Exception, match="naive datetime"), db.transaction() as conn:
+    with pytest.raises(sa.exc.StatementError, match="naive datetime"), db.transaction() as conn:
         UPDATE.run(conn, [row])
     assert _rows(db) == before
 

@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from keybroker.errors import ConfigurationError, StoreError
-from keybroker.store.engine import Store, open_store
+from keybroker.store.engine import Store, normalise_url, open_store
 from keybroker.store.migrate import downgrade, upgrade
 from keybroker.store.schema import keysets, metadata
 
@@ -147,7 +147,7 @@ def _terminate_pooled_backend(pg_url: str, store: Store) -> None:
     connection, the way a server restart or a dropped TCP connection would."""
     with store.reader() as conn:
         pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
-    admin = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    admin = sa.create_engine(normalise_url(pg_url))
     try:
         with admin.connect() as conn:
             assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
