@@ -9,6 +9,7 @@ principal's outstanding deliveries of that keyset.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -101,39 +102,134 @@ def grant(
     pid, name, how = principal_id(principal), keyset_name(keyset), grant_mode(mode)
     now = ctx.now()
     with ctx.store.transaction() as conn:
-        ctx.store.lock(conn, f"grant/{pid}/{name}/{how.value}")
-        who = require_row(conn, pid)
-        if who.status != ACTIVE:
-            raise AuthorizationError(f"{pid} is {who.status}")
-        what = keyset_id(conn, name)
-        existing = active_grant(conn, who.id, what, how)
-        if existing is not None:
-            return _info(existing)
-        new_id = ctx.new_id()
-        conn.execute(
-            grants.insert().values(
-                id=new_id,
-                principal_id=who.id,
-                keyset_id=what,
-                mode=how.value,
-                created_at=now,
-                revoked_at=None,
+        new_id, events = grant_in(ctx, conn, pid, name, how, now=now)
+        record(ctx, conn, events)
+        return _info(conn.execute(_SELECT.where(grants.c.id == new_id)).one())
+
+
+def grant_in(
+    ctx: BrokerContext,
+    conn: Connection,
+    principal: PrincipalId | str,
+    keyset: str,
+    mode: GrantMode | str,
+    *,
+    now: datetime,
+) -> tuple[str, list[Event]]:
+    """:func:`grant` inside the caller's transaction: the id of the active grant (the one
+    there already, or a new one) and the event the caller records (none if it was there)."""
+    pid, name, how = principal_id(principal), keyset_name(keyset), grant_mode(mode)
+    ctx.store.lock(conn, f"grant/{pid}/{name}/{how.value}")
+    who = require_row(conn, pid)
+    if who.status != ACTIVE:
+        raise AuthorizationError(f"{pid} is {who.status}")
+    what = keyset_id(conn, name)
+    existing = active_grant(conn, who.id, what, how)
+    if existing is not None:
+        return str(existing.id), []
+    new_id = ctx.new_id()
+    conn.execute(
+        grants.insert().values(
+            id=new_id,
+            principal_id=who.id,
+            keyset_id=what,
+            mode=how.value,
+            created_at=now,
+            revoked_at=None,
+        )
+    )
+    event = GrantCreated(
+        at_ms=to_ms(now), grant_id=new_id, principal=str(pid), keyset=name, mode=how.value
+    )
+    return new_id, [event]
+
+
+def grant_many_in(
+    ctx: BrokerContext,
+    conn: Connection,
+    pairs: Iterable[tuple[PrincipalId | str, str]],
+    mode: GrantMode | str,
+    *,
+    now: datetime,
+) -> list[Event]:
+    """:func:`grant_in` on each (principal, keyset) of ``pairs``, in a few statements
+    whatever their number: the same locks (taken in one go, in key order), the same
+    checks (each principal exists and is active, each keyset exists; the first failure
+    raises and the caller's transaction writes nothing), and a grant only where there
+    is no active one. The events of the grants made, for the caller to record."""
+    how = grant_mode(mode)
+    wanted = list(dict.fromkeys((principal_id(p), keyset_name(k)) for p, k in pairs))
+    if not wanted:
+        return []
+    ctx.store.lock_many(conn, [f"grant/{pid}/{name}/{how.value}" for pid, name in wanted])
+    people: dict[tuple[str, str], Any] = {}
+    pids = sorted({(pid.kind.value, pid.name) for pid, _ in wanted})
+    for start in range(0, len(pids), 500):
+        query = sa.select(
+            principals.c.id, principals.c.kind, principals.c.name, principals.c.status
+        )
+        part = pids[start : start + 500]
+        people.update(
+            ((row.kind, row.name), row)
+            for row in conn.execute(
+                query.where(sa.tuple_(principals.c.kind, principals.c.name).in_(part))
             )
         )
-        record(
-            ctx,
-            conn,
-            [
-                GrantCreated(
-                    at_ms=to_ms(now),
-                    grant_id=new_id,
-                    principal=str(pid),
-                    keyset=name,
-                    mode=how.value,
+    names = sorted({name for _, name in wanted})
+    ids: dict[str, str] = {}
+    held: set[tuple[str, str]] = set()
+    for start in range(0, len(names), 500):
+        chunk = names[start : start + 500]
+        found: dict[str, str] = {
+            name: ident
+            for name, ident in conn.execute(
+                sa.select(keysets.c.name, keysets.c.id).where(keysets.c.name.in_(chunk))
+            )
+        }
+        ids.update(found)
+        held.update(
+            (who, what)
+            for who, what in conn.execute(
+                sa.select(grants.c.principal_id, grants.c.keyset_id).where(
+                    grants.c.keyset_id.in_(list(found.values())),
+                    grants.c.mode == how.value,
+                    grants.c.revoked_at.is_(None),
                 )
-            ],
+            )
         )
-        return _info(conn.execute(_SELECT.where(grants.c.id == new_id)).one())
+    rows: list[dict[str, Any]] = []
+    events: list[Event] = []
+    for pid, name in wanted:
+        who = people.get((pid.kind.value, pid.name))
+        if who is None:
+            raise NotFound(f"no principal {pid}")
+        if who.status != ACTIVE:
+            raise AuthorizationError(f"{pid} is {who.status}")
+        what = ids.get(name)
+        if what is None:
+            raise NotFound(f"no keyset {name!r}")
+        if (who.id, what) in held:
+            continue
+        held.add((who.id, what))
+        new_id = ctx.new_id()
+        rows.append(
+            {
+                "id": new_id,
+                "principal_id": who.id,
+                "keyset_id": what,
+                "mode": how.value,
+                "created_at": now,
+                "revoked_at": None,
+            }
+        )
+        events.append(
+            GrantCreated(
+                at_ms=to_ms(now), grant_id=new_id, principal=str(pid), keyset=name, mode=how.value
+            )
+        )
+    if rows:
+        conn.execute(grants.insert(), rows)
+    return events
 
 
 def revoke_grant(

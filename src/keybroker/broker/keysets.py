@@ -41,7 +41,7 @@ from keybroker.broker.events import (
     KeyVersionAdded,
     to_ms,
 )
-from keybroker.errors import NotFound
+from keybroker.errors import KeysetError, NotFound
 from keybroker.keys import Keyset, KeyTemplate, KeyVersionInfo, get_template
 from keybroker.store.keysets import StoredKeyset
 from keybroker.store.schema import key_versions, keysets
@@ -127,25 +127,32 @@ def create_keyset(ctx: BrokerContext, name: str, template: KeyTemplate | str) ->
     tpl = get_template(template)
     now = ctx.now()
     created = Keyset.generate(keyset, tpl, now=now)
-    primary = created.primary
-    assert primary is not None  # generate() promotes version 1
     with ctx.store.transaction() as conn:
-        ctx.keysets.create(created, conn=conn)
-        record(
-            ctx,
-            conn,
-            [
-                KeysetCreated(
-                    at_ms=to_ms(now),
-                    keyset=keyset,
-                    purpose=created.purpose.value,
-                    template=tpl.name,
-                    version=primary.version,
-                    key_id=primary.key_id,
-                )
-            ],
-        )
+        primary, events = create_in(ctx, conn, created, now)
+        record(ctx, conn, events)
     return primary
+
+
+def create_in(
+    ctx: BrokerContext, conn: Connection, created: Keyset, now: datetime
+) -> tuple[KeyVersionInfo, list[Event]]:
+    """Store the new keyset ``created`` (from :meth:`Keyset.generate`) inside the caller's
+    transaction; its primary and the event the caller records. :class:`Conflict` if the
+    name is taken."""
+    keyset = keyset_name(created.name)
+    primary = created.primary
+    if primary is None:
+        raise KeysetError("a new keyset needs a primary version")
+    ctx.keysets.create(created, conn=conn)
+    event = KeysetCreated(
+        at_ms=to_ms(now),
+        keyset=keyset,
+        purpose=created.purpose.value,
+        template=primary.template.name,
+        version=primary.version,
+        key_id=primary.key_id,
+    )
+    return primary, [event]
 
 
 Step = Callable[[StoredKeyset, datetime], tuple[KeyVersionInfo, list[Event]]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from datetime import timedelta
 
 import pytest
@@ -195,3 +196,36 @@ def test_a_delivery_the_broker_refuses_fails_that_link_alone(rig: Bench) -> None
             seqs.setdefault(event.link, []).append(event.seq)
     assert set(seqs) == {link.name for link in fleet.topology.links}
     assert all(s == list(range(1, len(s) + 1)) for s in seqs.values())
+
+
+def test_setup_in_batches_makes_each_keyset_grant_and_delivery_once(rig: Bench) -> None:
+    # Batches of 2 links over 5: keysets and grants are made a batch per transaction.
+    fleet = Fleet(rig.broker, star_topology("t", 2, 5), batch_size=2)
+    for agent in fleet.agents.values():
+        agent.enrol(rig.broker)
+    first = fleet.topology.links[0]
+    rig.broker.create_keyset(first.keyset, "AES256_GCM")
+    rig.broker.grant(first.downstream, first.keyset, "hold")
+    start = rig.home.log.size()
+    report = fleet.orchestrator.setup(fleet.topology, delivery_ttl=timedelta(hours=1))
+    assert (report.keysets_created, report.grants_created, report.deliveries) == (4, 9, 10)
+    logged = Counter(
+        type(decode_event(entry)).__name__
+        for entry in rig.home.log.entries(start, rig.home.log.size())
+    )
+    assert logged == {"KeysetCreated": 4, "GrantCreated": 9, "DeliverySent": 10}
+    grants = rig.broker.list_grants()
+    assert len(grants) == 10
+    assert {(str(g.principal), g.keyset) for g in grants} == {
+        (str(end), link.keyset)
+        for link in fleet.topology.links
+        for end in (link.upstream, link.downstream)
+    }
+    fleet.receive_all()
+    fleet.sync_all()
+    for link in fleet.topology.links:
+        node, site = fleet.ends(link)
+        assert node.transmit_version(link.keyset) == site.transmit_version(link.keyset) == 1
+        assert site.open(link.keyset, node.seal(link.keyset, b"m")) == b"m"
+    again = fleet.orchestrator.setup(fleet.topology, delivery_ttl=timedelta(hours=1))
+    assert (again.keysets_created, again.grants_created, again.deliveries) == (0, 0, 0)

@@ -61,12 +61,13 @@ from keybroker.broker.deliveries import (
     outstanding_deliveries,
 )
 from keybroker.broker.events import Event, from_ms, to_ms
-from keybroker.broker.grants import GrantMode
+from keybroker.broker.grants import GrantMode, grant_many_in
 from keybroker.broker.keysets import (
     Step as KeysetStep,
 )
 from keybroker.broker.keysets import (
     _retire_deliveries,
+    create_in,
     disable_step,
     promote_step,
     rotate_step,
@@ -98,7 +99,7 @@ from keybroker.flows.rotation.protocol import (
     uses_old_key,
 )
 from keybroker.flows.rotation.topology import Link, Topology
-from keybroker.keys import AES256_GCM, KeyState, KeyVersionInfo
+from keybroker.keys import AES256_GCM, Keyset, KeyState, KeyVersionInfo
 from keybroker.pki import PrincipalId
 from keybroker.store.bulk import bulk_update
 from keybroker.store.keysets import StoredKeyset
@@ -242,16 +243,41 @@ class Orchestrator:
         ends, and delivers the current primary to each end that has not acknowledged it.
         Both ends must be enrolled.
         """
-        broker, ctx = self._broker, self._ctx
+        ctx = self._ctx
         names = list(dict.fromkeys(link.keyset for link in topology.links))
         existing = set(ctx.keysets.names())
-        created = granted = 0
-        for name in names:
-            if name not in existing:
-                broker.create_keyset(name, AES256_GCM)
-                created += 1
         with ctx.store.snapshot() as conn:
             held = _holding(conn, names)
+        created = granted = 0
+        # Keysets and hold grants, a batch of links per transaction (one log append and
+        # one commit per batch, not one per keyset and grant); create_in's and grant_in's
+        # checks on each.
+        links = list(topology.links)
+        for start in range(0, len(links), self._batch):
+            part = links[start : start + self._batch]
+            new = [n for n in dict.fromkeys(k.keyset for k in part) if n not in existing]
+            grants_ = [
+                (end, link.keyset)
+                for link in part
+                for end in (link.downstream, link.upstream)
+                if (str(end), link.keyset) not in held
+            ]
+            grants_ = list(dict.fromkeys(grants_))
+            if not new and not grants_:
+                continue
+            with ctx.store.transaction() as conn:
+                now = ctx.now()
+                made: list[Event] = []
+                for name in new:
+                    fresh = Keyset.generate(name, AES256_GCM, now=now)
+                    made += create_in(ctx, conn, fresh, now)[1]
+                made += grant_many_in(ctx, conn, grants_, GrantMode.HOLD, now=now)
+                record(ctx, conn, made)
+            existing.update(new)
+            held.update((str(end), name) for end, name in grants_)
+            created += len(new)
+            granted += len(grants_)
+        with ctx.store.snapshot() as conn:
             primaries = _primaries(conn, names)
             acked = _acked(conn, names)
         missing = [n for n in names if n not in primaries]
@@ -261,10 +287,6 @@ class Orchestrator:
         for link in topology.links:
             primary = primaries[link.keyset]
             for end in (link.downstream, link.upstream):
-                if (str(end), link.keyset) not in held:
-                    broker.grant(end, link.keyset, GrantMode.HOLD)
-                    held.add((str(end), link.keyset))
-                    granted += 1
                 if (str(end), link.keyset, primary) not in acked:
                     todo.append((link.keyset, primary, end))
         # The first deliveries, a batch per transaction: deliver_in's checks on each.
@@ -272,11 +294,18 @@ class Orchestrator:
             chunk = todo[start : start + self._batch]
             with ctx.store.transaction() as conn:
                 now = ctx.now()
-                batch = _Batch(ctx, conn, now, {})
+                # Locks in the order every writer takes them (see _Batch); each delivery
+                # is of a version that exists, so all their locks are taken together.
+                batch = _Batch(ctx, conn, now, {}, defer=True)
+                touched = sorted({name for name, _, _ in chunk})
+                batch.lock_keysets(touched)
+                batch.preload(touched)
                 batch.read_holders([(end, name) for name, _, end in chunk])
+                batch.lock_deliveries((end, name, version) for name, version, end in chunk)
                 events: list[Event] = []
                 for name, version, end in chunk:
                     events += batch.deliver(name, version, end, delivery_ttl)[1]
+                events += batch.flush()
                 record(ctx, conn, events)
         return SetupReport(created, granted, len(todo))
 
