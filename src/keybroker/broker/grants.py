@@ -22,7 +22,7 @@ from keybroker.broker._context import BrokerContext, keyset_name, principal_id, 
 from keybroker.broker._delivery_rows import fail_sent
 from keybroker.broker.events import Event, GrantCreated, GrantRevoked, to_ms
 from keybroker.broker.principals import ACTIVE, require_row
-from keybroker.errors import AuthorizationError, DecodeError, NotFound
+from keybroker.errors import AuthorizationError, DecodeError, NotFound, StoreError
 from keybroker.pki import PrincipalId, PrincipalKind
 from keybroker.store.schema import grants, keysets, principals
 
@@ -102,46 +102,11 @@ def grant(
     pid, name, how = principal_id(principal), keyset_name(keyset), grant_mode(mode)
     now = ctx.now()
     with ctx.store.transaction() as conn:
-        new_id, events = grant_in(ctx, conn, pid, name, how, now=now)
-        record(ctx, conn, events)
-        return _info(conn.execute(_SELECT.where(grants.c.id == new_id)).one())
-
-
-def grant_in(
-    ctx: BrokerContext,
-    conn: Connection,
-    principal: PrincipalId | str,
-    keyset: str,
-    mode: GrantMode | str,
-    *,
-    now: datetime,
-) -> tuple[str, list[Event]]:
-    """:func:`grant` inside the caller's transaction: the id of the active grant (the one
-    there already, or a new one) and the event the caller records (none if it was there)."""
-    pid, name, how = principal_id(principal), keyset_name(keyset), grant_mode(mode)
-    ctx.store.lock(conn, f"grant/{pid}/{name}/{how.value}")
-    who = require_row(conn, pid)
-    if who.status != ACTIVE:
-        raise AuthorizationError(f"{pid} is {who.status}")
-    what = keyset_id(conn, name)
-    existing = active_grant(conn, who.id, what, how)
-    if existing is not None:
-        return str(existing.id), []
-    new_id = ctx.new_id()
-    conn.execute(
-        grants.insert().values(
-            id=new_id,
-            principal_id=who.id,
-            keyset_id=what,
-            mode=how.value,
-            created_at=now,
-            revoked_at=None,
-        )
-    )
-    event = GrantCreated(
-        at_ms=to_ms(now), grant_id=new_id, principal=str(pid), keyset=name, mode=how.value
-    )
-    return new_id, [event]
+        record(ctx, conn, grant_many_in(ctx, conn, [(pid, name)], how, now=now))
+        row = active_grant(conn, require_row(conn, pid).id, keyset_id(conn, name), how)
+        if row is None:  # made or found just now, under the lock
+            raise StoreError("the grant is not there after granting it")
+        return _info(row)
 
 
 def grant_many_in(
@@ -152,11 +117,12 @@ def grant_many_in(
     *,
     now: datetime,
 ) -> list[Event]:
-    """:func:`grant_in` on each (principal, keyset) of ``pairs``, in a few statements
-    whatever their number: the same locks (taken in one go, in key order), the same
-    checks (each principal exists and is active, each keyset exists; the first failure
-    raises and the caller's transaction writes nothing), and a grant only where there
-    is no active one. The events of the grants made, for the caller to record."""
+    """Grant ``mode`` on each (principal, keyset) of ``pairs`` inside the caller's
+    transaction, in a few statements whatever their number. Under a store lock on each
+    (principal, keyset, mode), taken in one go in key order: each principal must exist
+    and be active and each keyset exist (the first failure raises, and the caller's
+    transaction writes nothing); a grant is made only where there is no active one. The
+    events of the grants made, for the caller to record."""
     how = grant_mode(mode)
     wanted = list(dict.fromkeys((principal_id(p), keyset_name(k)) for p, k in pairs))
     if not wanted:

@@ -250,7 +250,7 @@ class Orchestrator:
             held = _holding(conn, names)
         created = granted = 0
         # Keysets and hold grants, a batch of links per transaction (one log append and
-        # one commit per batch, not one per keyset and grant); create_in's and grant_in's
+        # one commit per batch, not one per keyset and grant); create_in's and grant_many_in's
         # checks on each.
         links = list(topology.links)
         for start in range(0, len(links), self._batch):
