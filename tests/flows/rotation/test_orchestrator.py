@@ -10,6 +10,7 @@ import pytest
 
 from keybroker.broker.events import decode_event
 from keybroker.errors import Conflict, KeysetError
+from keybroker.flows.rotation import orchestrator as orchestrator_module
 from keybroker.flows.rotation.messages import LinkStepped, decode_rotation_event
 from keybroker.flows.rotation.protocol import LinkState, RolloutPolicy
 from keybroker.flows.rotation.simulation import Faults, Fleet, star_topology
@@ -229,3 +230,18 @@ def test_setup_in_batches_makes_each_keyset_grant_and_delivery_once(rig: Bench) 
         assert site.open(link.keyset, node.seal(link.keyset, b"m")) == b"m"
     again = fleet.orchestrator.setup(fleet.topology, delivery_ttl=timedelta(hours=1))
     assert (again.keysets_created, again.grants_created, again.deliveries) == (0, 0, 0)
+
+
+def test_setup_counts_only_the_grants_it_made(rig: Bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another writer granted after setup looked (setup's read sees no grants at all):
+    # that grant is found under the lock, neither doubled nor counted.
+    fleet = Fleet(rig.broker, star_topology("t", 1, 2))
+    for agent in fleet.agents.values():
+        agent.enrol(rig.broker)
+    first = fleet.topology.links[0]
+    rig.broker.create_keyset(first.keyset, "AES256_GCM")
+    rig.broker.grant(first.upstream, first.keyset, "hold")
+    monkeypatch.setattr(orchestrator_module, "_holding", lambda conn, names: set())
+    report = fleet.orchestrator.setup(fleet.topology, delivery_ttl=timedelta(hours=1))
+    assert (report.keysets_created, report.grants_created) == (1, 3)
+    assert len(rig.broker.list_grants()) == 4

@@ -271,12 +271,12 @@ class Orchestrator:
                 for name in new:
                     fresh = Keyset.generate(name, AES256_GCM, now=now)
                     made += create_in(ctx, conn, fresh, now)[1]
-                made += grant_many_in(ctx, conn, grants_, GrantMode.HOLD, now=now)
-                record(ctx, conn, made)
+                given = grant_many_in(ctx, conn, grants_, GrantMode.HOLD, now=now)
+                record(ctx, conn, made + given)
             existing.update(new)
             held.update((str(end), name) for end, name in grants_)
             created += len(new)
-            granted += len(grants_)
+            granted += len(given)  # not those another writer made since _holding read
         with ctx.store.snapshot() as conn:
             primaries = _primaries(conn, names)
             acked = _acked(conn, names)
