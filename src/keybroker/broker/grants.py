@@ -130,10 +130,8 @@ def grant_many_in(
     ctx.store.lock_many(conn, [f"grant/{pid}/{name}/{how.value}" for pid, name in wanted])
     people: dict[tuple[str, str], Any] = {}
     pids = sorted({(pid.kind.value, pid.name) for pid, _ in wanted})
+    query = sa.select(principals.c.id, principals.c.kind, principals.c.name, principals.c.status)
     for start in range(0, len(pids), 500):
-        query = sa.select(
-            principals.c.id, principals.c.kind, principals.c.name, principals.c.status
-        )
         part = pids[start : start + 500]
         people.update(
             ((row.kind, row.name), row)

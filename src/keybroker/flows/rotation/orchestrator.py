@@ -213,7 +213,6 @@ class Orchestrator:
     ) -> None:
         if not 1 <= batch_size <= 10_000:
             raise LocalProtocolError("batch_size must be between 1 and 10,000")
-        self._broker = broker
         self._ctx: BrokerContext = broker.context
         self._rng = rng
         self._batch = batch_size
@@ -262,7 +261,6 @@ class Orchestrator:
                 for end in (link.downstream, link.upstream)
                 if (str(end), link.keyset) not in held
             ]
-            grants_ = list(dict.fromkeys(grants_))
             if not new and not grants_:
                 continue
             with ctx.store.transaction() as conn:
